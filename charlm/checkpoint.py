@@ -1,0 +1,157 @@
+"""Checkpoints: plain data written atomically and loaded with ``weights_only=True``.
+
+A checkpoint is a dict of tensors and plain Python values only (no pickled modules or
+classes), so ``torch.load(path, weights_only=True)`` reads it and a crafted file cannot run
+code. Every file is written to a temporary file in the same directory, flushed to disk, then
+renamed over the target, so a crash at any moment leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from charlm import __version__
+from charlm.config import SHAPE_FIELDS, Config
+from charlm.errors import CharlmError, CheckpointError
+from charlm.model import CharRNN, build_model
+from charlm.vocab import Vocab
+
+FORMAT = "charlm-checkpoint"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` through a temporary file in the same directory, fsync, then rename.
+
+    ``write`` receives the open temporary file. On any error the temporary file is removed
+    and the previous ``path`` is left untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CharlmError(
+                f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged"
+            ) from None
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save(path: str | Path, ckpt: dict[str, Any]) -> None:
+    """Write a checkpoint dict atomically."""
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def make_checkpoint(model: CharRNN, cfg: Config, vocab: Vocab, **extra: Any) -> dict[str, Any]:
+    """The plain-data checkpoint of a model; ``extra`` adds training state."""
+    ckpt = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "charlm_version": __version__,
+        "torch_version": str(torch.__version__),
+        "config": cfg.to_dict(),
+        "vocab": list(vocab.chars),
+        # Always fp32 on CPU, so a GPU checkpoint loads anywhere.
+        "model": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
+    }
+    ckpt.update(extra)
+    return ckpt
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load and check a checkpoint, refusing anything unsafe, damaged or foreign."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)|Unsupported operand \d+|Unsupported class \S+", str(exc))
+        if found or "Weights only load failed" in str(exc):
+            what = f" ({found.group(1) or found.group(0)})" if found else ""
+            raise CheckpointError(
+                f"refused to load {path}: it holds Python objects{what} that a charlm "
+                "checkpoint never contains (possibly malicious); nothing in it was run"
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path} is damaged or not a checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} is damaged or truncated and cannot be read ({first[:120]})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a charlm checkpoint")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, newer than this charlm reads "
+            f"({FORMAT_VERSION}); upgrade charlm (pip install -U charlm)"
+        )
+    for key in ("config", "vocab", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path} is not a complete charlm checkpoint (no {key!r})")
+    return ckpt
+
+
+def config_of(ckpt: dict[str, Any]) -> Config:
+    try:
+        return Config.from_dict(ckpt["config"], source="checkpoint config")
+    except CharlmError as exc:
+        raise CheckpointError(f"checkpoint config is invalid: {exc}") from None
+
+
+def vocab_of(ckpt: dict[str, Any]) -> Vocab:
+    try:
+        return Vocab(tuple(ckpt["vocab"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint vocabulary is invalid: {exc}") from None
+
+
+def model_of(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> CharRNN:
+    """Rebuild the model of a checkpoint with its weights, in eval mode."""
+    cfg = config_of(ckpt)
+    model = build_model(len(ckpt["vocab"]), cfg.model)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint weights do not fit its config: {first}") from None
+    return model.to(device).eval()
+
+
+def shape_differences(old: Config, new: Config) -> list[str]:
+    """Model fields that differ between two configs and would change parameter shapes."""
+    return [
+        f"model.{name} {getattr(old.model, name)!r} -> {getattr(new.model, name)!r}"
+        for name in SHAPE_FIELDS
+        if getattr(old.model, name) != getattr(new.model, name)
+    ]

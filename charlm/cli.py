@@ -1,0 +1,316 @@
+"""The ``charlm`` command. It parses options, calls one library function per command and
+renders the result; it is the only module that knows about typer and rich."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from charlm.errors import CharlmError
+
+app = typer.Typer(
+    help="Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _error(message: str) -> None:
+    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+# ---------------------------------------------------------------------------------- train
+def _overrides(**options) -> list[str]:
+    """Named options as ``section.key=value`` strings (only those given)."""
+    sections = {
+        "cell": "model", "hidden_size": "model", "num_layers": "model", "embed_size": "model",
+        "dropout": "model", "encoding": "data", "val_fraction": "data",
+    }
+    return [
+        f"{sections.get(name, 'train')}.{name}={value}"
+        for name, value in options.items()
+        if value is not None
+    ]
+
+
+@app.command()
+def train(
+    file: Annotated[Path | None, typer.Argument(
+        help="UTF-8 text file, or a directory of *.txt files. Default: tiny Shakespeare "
+        "(downloaded once), or the file a resumed run was trained on.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config, e.g. configs/cpu.toml.")] = None,
+    cell: Annotated[str | None, typer.Option(help="rnn, lstm or gru.")] = None,
+    hidden_size: Annotated[int | None, typer.Option()] = None,
+    num_layers: Annotated[int | None, typer.Option()] = None,
+    embed_size: Annotated[int | None, typer.Option()] = None,
+    dropout: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Streams per process.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Window length (BPTT steps).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (0: no limit).")] = None,
+    max_time: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    max_epochs: Annotated[float | None, typer.Option(help="Stop after this many epochs.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding of FILE.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop after K evaluations without a new best.")] = None,
+    keep_last: Annotated[int | None, typer.Option(help="Also keep the last K step checkpoints.")] = None,
+    sample_every: Annotated[int | None, typer.Option(help="Print a sample every N steps (at evaluations).")] = None,
+    no_samples: Annotated[bool, typer.Option("--no-samples", help="Print no samples during training.")] = False,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<stem>-<cell>).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any field: section.key=value (repeatable).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue a run: its directory or a checkpoint.")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="Start a new run from a checkpoint's weights.")] = None,
+    allow_other_data: Annotated[bool, typer.Option(help="Resume on a file other than the run's.")] = False,
+    drop_unknown: Annotated[bool, typer.Option(help="Drop characters outside an --init-from vocabulary.")] = False,
+    stop_at_step: Annotated[int, typer.Option(help="Pause at this step (resumable; the schedule is unchanged).")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a model on a text file."""
+    from charlm import checkpoint
+    from charlm.config import Config, apply_sets, load_toml, validate
+    from charlm.corpus import default_corpus
+    from charlm.train import EXIT_INTERRUPTED
+    from charlm.train import train as run_training
+
+    if resume and init_from:
+        raise CharlmError("--resume and --init-from cannot be used together")
+    resume_ckpt = init_ckpt = None
+    if resume is not None:
+        ckpt_path = resume / "last.pt" if resume.is_dir() else resume
+        resume_ckpt = checkpoint.load(ckpt_path)
+        if "train_state" not in resume_ckpt:
+            raise CharlmError(f"{ckpt_path} has no training state to resume (exported weights?)")
+        cfg = checkpoint.config_of(resume_ckpt)
+        out_dir = out_dir or ckpt_path.parent
+        if file is None:
+            file = Path(resume_ckpt["train_file"]["path"])
+    else:
+        cfg = Config()
+        if init_from is not None:
+            init_ckpt = checkpoint.load(init_from)
+            cfg.model = checkpoint.config_of(init_ckpt).model
+    if config is not None:
+        cfg = load_toml(config, cfg)
+    options = dict(
+        cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
+        dropout=dropout, batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=max_steps,
+        max_time=max_time, max_epochs=max_epochs, eval_every=eval_every, seed=seed,
+        device=device, precision=precision, encoding=encoding, patience=patience,
+        keep_last=keep_last, sample_every=sample_every,
+    )
+    apply_sets(cfg, _overrides(**options) + list(set_ or []))
+    if no_samples:
+        cfg.train.sample_chars = 0
+    validate(cfg)
+    if file is None:
+        file = default_corpus()
+        err.print(f"training on tiny Shakespeare: {file}")
+    if stop_at_step < 0:
+        raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
+
+    result = run_training(
+        file, cfg, out_dir=out_dir, resume=resume_ckpt, init_from=init_ckpt,
+        allow_other_data=allow_other_data, drop_unknown=drop_unknown,
+        stop_at_step=stop_at_step, progress=progress,
+    )
+    _print_summary(result)
+    if result.stopped == "interrupted":
+        err.print(
+            f"interrupted at step {result.step}; saved {result.run_dir / 'last.pt'}. "
+            f"Resume with: charlm train --resume {result.run_dir}"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _print_summary(r) -> None:
+    import math
+
+    def bits(x: float) -> str:
+        return f"{x:.4f} nats  {x / math.log(2):.4f} bits"
+
+    rows = [
+        ("run", str(r.run_dir)),
+        ("stopped by", r.stopped),
+        ("steps", f"{r.step:,}"),
+        ("characters seen", f"{r.chars_seen:,}"),
+        ("time", f"{r.elapsed:,.1f} s"),
+        ("speed", f"{r.chars_per_sec:,.0f} chars/s"),
+        ("train loss", bits(r.train_loss)),
+        ("val loss (last)", bits(r.val_loss)),
+        ("val loss (best)", bits(r.best_val_loss)),
+        ("parameters", f"{r.num_parameters:,}"),
+        ("vocabulary", f"{r.vocab_size:,} characters"),
+        ("device", f"{r.device} ({r.precision})"),
+    ] + [("note", note) for note in r.notes]
+    err.print(_table("charlm train", rows))
+
+
+# --------------------------------------------------------------------------------- sample
+@app.command()
+def sample(
+    checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint (default: best.pt of the newest run under runs/).")] = None,
+    seed: Annotated[str, typer.Option("--seed", "-s", help="Text to start from.")] = "",
+    length: Annotated[int, typer.Option("--length", "-n", help="Characters to generate.")] = 500,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1: off).")] = 1.0,
+    num_samples: Annotated[int, typer.Option(help="Independent samples, generated as one batch.")] = 1,
+    random_seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
+    drop_unknown: Annotated[bool, typer.Option(help="Drop seed characters outside the vocabulary.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Generate text from a seed string."""
+    from charlm import checkpoint
+    from charlm.device import resolve_device
+    from charlm.runs import latest_checkpoint
+    from charlm.sample import check_options, generate, seed_ids
+
+    check_options(length, temperature, top_k, top_p, num_samples)
+    if checkpoint_path is None:
+        checkpoint_path = latest_checkpoint()
+        err.print(f"using {checkpoint_path}", style="dim")
+    ckpt = checkpoint.load(checkpoint_path)
+    model = checkpoint.model_of(ckpt, resolve_device(device))
+    vocab = checkpoint.vocab_of(ckpt)
+    ids = seed_ids(vocab, seed, drop_unknown)
+    stream = num_samples == 1
+    if stream:
+        sys.stdout.write(seed)
+        sys.stdout.flush()
+
+    def on_step(new_ids: list[int]) -> None:
+        sys.stdout.write(vocab.chars[new_ids[0]])
+        sys.stdout.flush()
+
+    texts = generate(model, vocab, ids, length, temperature, top_k, top_p, num_samples,
+                     random_seed, on_step if stream else None)
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for i, text in enumerate(texts):
+            sys.stdout.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{seed}{text}\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------- eval / info
+@app.command("eval")
+def eval_(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    file: Annotated[Path, typer.Argument(help="Text file to evaluate on.")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    encoding: Annotated[str, typer.Option(help="Text encoding of FILE.")] = "utf-8",
+) -> None:
+    """Loss of a checkpoint over a whole text file."""
+    from charlm.evaluate import evaluate_file
+
+    r = evaluate_file(checkpoint_path, file, device=device, encoding=encoding)
+    out.print(_table(f"charlm eval {file}", [
+        ("loss", f"{r.loss:.4f} nats/char"),
+        ("bits per char", f"{r.bpc:.4f}"),
+        ("perplexity", f"{r.perplexity:.3f}"),
+        ("characters", f"{r.chars:,}"),
+        ("outside vocabulary", f"{r.unknown:,} (dropped)"),
+    ]))
+
+
+@app.command()
+def info(checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")]) -> None:
+    """Describe a checkpoint."""
+    import math
+
+    from charlm import checkpoint
+
+    ckpt = checkpoint.load(checkpoint_path)
+    cfg = checkpoint.config_of(ckpt)
+    ts = ckpt.get("train_state", {})
+    source = ckpt.get("train_file", {})
+    params = sum(t.numel() for t in ckpt["model"].values())
+    best = ts.get("best_val_loss", math.nan)
+    out.print(_table(str(checkpoint_path), [
+        ("cell", cfg.model.cell),
+        ("embedding / hidden / layers",
+         f"{cfg.model.embed_size} / {cfg.model.hidden_size} / {cfg.model.num_layers}"),
+        ("dropout", f"{cfg.model.dropout:g}"),
+        ("parameters", f"{params:,}"),
+        ("vocabulary", f"{len(ckpt['vocab']):,} characters"),
+        ("steps", f"{ts.get('step', 0):,}"),
+        ("epochs", f"{ts.get('epoch', 0):.2f}"),
+        ("best val loss", f"{best:.4f} nats ({best / math.log(2):.4f} bits/char)"),
+        ("training time", f"{ts.get('elapsed', 0):,.1f} s"),
+        ("training file", f"{source.get('name', '?')} ({source.get('size', 0):,} bytes)"),
+        ("file sha256", str(source.get("sha256", "?"))),
+        ("format / charlm / torch",
+         f"{ckpt['format_version']} / {ckpt.get('charlm_version')} / {ckpt.get('torch_version')}"),
+    ]))
+
+
+@app.command()
+def download(
+    url: Annotated[str | None, typer.Option(help="Mirror address of tiny Shakespeare.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Where to save it.")] = None,
+) -> None:
+    """Download tiny Shakespeare (checksum-verified)."""
+    from charlm.corpus import TINY_SHAKESPEARE_URL
+    from charlm.corpus import download as fetch
+
+    path = fetch(url or os.environ.get("CHARLM_CORPUS_URL") or TINY_SHAKESPEARE_URL, output)
+    out.print(str(path))
+
+
+# ---------------------------------------------------------------------------------- entry
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: library errors become one line on stderr and a non-zero exit code."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="charlm", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except CharlmError as exc:
+        _error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (charlm sample | head): exit quietly, without a second error
+        # when Python flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+    except MemoryError:
+        _error("out of memory; use a smaller model or batch")
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("CHARLM_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        _error(f"internal error: {type(exc).__name__}: {first} (set CHARLM_DEBUG=1 for the traceback)")
+        sys.exit(1)
+

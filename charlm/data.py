@@ -1,0 +1,255 @@
+"""Ids on disk, the train/validation split, and the stateful batcher of (x, y) windows.
+
+The encoded ids of a text are cached as a raw file keyed by the text's SHA-256 and the
+vocabulary, and memory-mapped, so a second run skips encoding and a large corpus is never
+held in memory more than once.
+
+Batching follows char-rnn / torch-rnn / pytorch's word_language_model: the training ids are
+cut into ``S`` contiguous streams and every batch is the next window of ``T`` characters of
+each stream, so the hidden state can be carried from one batch to the next (truncated BPTT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from charlm.errors import DataError
+from charlm.text import Source, iter_text, resolve_source
+from charlm.vocab import UNKNOWN, Vocab, code_points, id_dtype
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CHARLM_CACHE_DIR") or Path.home() / ".cache" / "charlm")
+
+
+@dataclass
+class Corpus:
+    """A text encoded with a vocabulary."""
+
+    ids: np.ndarray  # (N,) smallest unsigned dtype
+    vocab: Vocab
+    source: Source
+    unknown: int  # characters dropped because they are not in the vocabulary
+    crlf: bool  # the text has Windows line endings (kept as they are)
+
+
+def _scan(source: Source, encoding: str, errors: str) -> tuple[np.ndarray, int, bool]:
+    """Count every code point; returns (counts, number of chars, has CRLF)."""
+    counts = np.zeros(0x110000, dtype=np.int64)
+    total = 0
+    crlf = False
+    for chunk in iter_text(source, encoding, errors):
+        counts += np.bincount(code_points(chunk), minlength=0x110000)
+        total += len(chunk)
+        crlf = crlf or "\r\n" in chunk
+    return counts, total, crlf
+
+
+def _cache_paths(source: Source, vocab: Vocab, encoding: str, errors: str) -> tuple[Path, Path]:
+    key = hashlib.sha256(f"{source.sha256}|{vocab.to_json()}|{encoding}|{errors}".encode())
+    stem = cache_dir() / "ids" / key.hexdigest()[:32]
+    return stem.with_suffix(".bin"), stem.with_suffix(".json")
+
+
+def _load_cached(bin_path: Path, meta_path: Path) -> tuple[np.ndarray, dict] | None:
+    try:
+        meta = json.loads(meta_path.read_text())
+        ids = np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["length"],))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ids, meta
+
+
+def _encode_to(out: np.ndarray, source, vocab, encoding, errors, drop_unknown) -> tuple[int, int]:
+    """Encode ``source`` into ``out``; returns (ids written, unknown characters dropped)."""
+    n = unknown = 0
+    for chunk in iter_text(source, encoding, errors):
+        ids = vocab.lookup(code_points(chunk))
+        bad = ids == UNKNOWN
+        if bad.any():
+            if not drop_unknown:
+                missing = vocab.unknown_chars(chunk)
+                shown = "".join(missing[:20])
+                raise DataError(
+                    f"{source.name} has {len(missing)}+ characters outside the vocabulary "
+                    f"(e.g. {shown!r}); pass --drop-unknown to drop them"
+                )
+            unknown += int(bad.sum())
+            ids = ids[~bad]
+        out[n : n + len(ids)] = ids
+        n += len(ids)
+    return n, unknown
+
+
+def load_corpus(
+    path: str | Path,
+    vocab: Vocab | None = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
+    drop_unknown: bool = False,
+    use_cache: bool = True,
+) -> Corpus:
+    """Read and encode a text file (or directory of ``*.txt``).
+
+    With ``vocab=None`` the vocabulary is built from the text; otherwise characters outside
+    ``vocab`` are an error, or dropped and counted when ``drop_unknown``.
+    """
+    source = resolve_source(path)
+    counts, total, crlf = _scan(source, encoding, errors)
+    present = np.flatnonzero(counts)
+    if total == 0 or not any(chr(int(c)).strip() for c in present):
+        raise DataError(f"{source.name} is empty or only whitespace; nothing to train on")
+    if vocab is None:
+        vocab = Vocab.from_code_points(present)
+    bin_path, meta_path = _cache_paths(source, vocab, encoding, errors)
+    cached = _load_cached(bin_path, meta_path) if use_cache else None
+    if cached is not None and (drop_unknown or cached[1]["unknown"] == 0):
+        ids, meta = cached
+        return Corpus(ids, vocab, source, meta["unknown"], crlf)
+
+    dtype = id_dtype(len(vocab))
+    if use_cache:
+        try:
+            bin_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
+            out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
+        except OSError:
+            use_cache = False
+    if not use_cache:
+        out = np.empty(total, dtype=dtype)
+    n, unknown = _encode_to(out, source, vocab, encoding, errors, drop_unknown)
+    if n == 0:
+        raise DataError(f"{source.name} has no characters in the vocabulary")
+    if not use_cache:
+        return Corpus(out[:n], vocab, source, unknown, crlf)
+    out.flush()
+    del out
+    os.truncate(tmp, n * dtype.itemsize)
+    os.replace(tmp, bin_path)
+    meta = {"dtype": dtype.name, "length": n, "unknown": unknown, "source": source.describe()}
+    meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    meta_tmp.write_text(json.dumps(meta))
+    os.replace(meta_tmp, meta_path)
+    ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
+    return Corpus(ids, vocab, source, unknown, crlf)
+
+
+def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``1 - val_fraction`` of the ids for training, the contiguous rest for
+    validation: the same cut as nanoGPT's shakespeare_char (``int(n * 0.9)``)."""
+    n_train = int(len(ids) * (1.0 - val_fraction))
+    return ids[:n_train], ids[n_train:]
+
+
+def as_tensor(ids: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The ids as a tensor on ``device``. On CPU a memory map stays a (shared) memory map."""
+    if isinstance(ids, np.memmap) and device.type == "cpu":
+        # Copy-on-write map: torch needs a writable buffer; pages stay shared with the cache.
+        ids = np.memmap(ids.filename, dtype=ids.dtype, mode="c", shape=ids.shape, offset=ids.offset)
+    t = torch.from_numpy(np.asarray(ids))
+    if device.type != "cpu" and t.dtype != torch.uint8:
+        t = t.to(torch.int32)  # wide unsigned dtypes have few kernels off the CPU
+    return t.to(device)
+
+
+class Batcher:
+    """Yields (x, y) windows of ``T`` ids from ``streams`` contiguous streams.
+
+    Each epoch starts at a random offset in ``[0, T)`` drawn from ``seed`` and the epoch
+    number, so the position is fully described by ``(epoch, index)``: that pair is all a
+    checkpoint needs to resume the data order exactly. ``rank``/``world`` select this
+    process's ``B = streams // world`` rows for distributed training.
+
+    Inputs: ``ids`` (N,) integer tensor on the training device.
+    Yields: ``x, y`` of shape (B, T), int64; ``y`` is ``x`` shifted by one character.
+    """
+
+    def __init__(self, ids: torch.Tensor, streams: int, seq_len: int, seed: int,
+                 rank: int = 0, world: int = 1):
+        self.ids, self.streams, self.seq_len, self.seed = ids, streams, seq_len, seed
+        self.rank, self.world = rank, world
+        if streams % world:
+            raise DataError(f"{streams} streams cannot be split evenly over {world} processes")
+        need = streams * seq_len + 1
+        if len(ids) < need:
+            raise DataError(
+                f"training text has {len(ids):,} characters but batch size x sequence length "
+                f"needs at least {need:,}; lower --batch-size or --seq-len, or use more text"
+            )
+        self.epoch = 0
+        self.index = 0
+        rows = torch.arange(rank * (streams // world), (rank + 1) * (streams // world))
+        self._rows = rows.to(ids.device)
+        self._cols = torch.arange(seq_len + 1, device=ids.device)
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        n, T, S = len(self.ids), self.seq_len, self.streams
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        slack = n - 1 - S * T  # >= 0, checked in __init__
+        self.offset = int(torch.randint(0, min(T, slack) + 1, (1,), generator=g))
+        self.stream_len = (n - 1 - self.offset) // S
+        self.steps_per_epoch = self.stream_len // T
+        self._base = self.offset + self._rows * self.stream_len  # (B,)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._start_epoch()
+
+    @property
+    def new_epoch(self) -> bool:
+        """True when the next batch starts an epoch (the carried state must be reset)."""
+        return self.index == 0 or self.index >= self.steps_per_epoch
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index >= self.steps_per_epoch:
+            self.epoch += 1
+            self.index = 0
+            self._start_epoch()
+        starts = self._base + self.index * self.seq_len  # (B,)
+        window = self.ids[starts[:, None] + self._cols].long()  # (B, T + 1)
+        self.index += 1
+        return window[:, :-1], window[:, 1:]
+
+    @property
+    def progress(self) -> float:
+        """Epochs done, as a fraction."""
+        return self.epoch + self.index / max(self.steps_per_epoch, 1)
+
+
+def eval_windows(ids: torch.Tensor, streams: int, seq_len: int, rank: int = 0, world: int = 1):
+    """Windows covering every prediction in ``ids`` exactly once, for evaluation.
+
+    The ids are cut into ``streams`` contiguous streams of equal length; the few predictions
+    left over form one extra stream, so nothing is skipped. Process ``rank`` of ``world``
+    takes streams ``rank, rank + world, ...`` (and rank 0 the leftover stream).
+
+    Yields: ``(x, y, reset)`` with x, y of shape (S_r, t); ``reset`` is True at the first
+    window of a group of streams, which starts from a zero state.
+    """
+    n = len(ids) - 1  # predictions
+    streams = max(1, min(streams, n))
+    stream_len = n // streams
+    groups = []
+    mine = torch.arange(rank, streams, world, device=ids.device)
+    if len(mine):
+        groups.append((mine * stream_len, stream_len))
+    tail = n - streams * stream_len
+    if tail and rank == 0:
+        groups.append((torch.tensor([streams * stream_len], device=ids.device), tail))
+    for starts, length in groups:
+        for t0 in range(0, length, seq_len):
+            t = min(seq_len, length - t0)
+            idx = starts[:, None] + t0 + torch.arange(t + 1, device=ids.device)
+            window = ids[idx].long()
+            yield window[:, :-1], window[:, 1:], t0 == 0

@@ -1,0 +1,110 @@
+"""Evaluation: mean cross-entropy over every character of a text, in nats and bits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from charlm import checkpoint
+from charlm.data import as_tensor, eval_windows, load_corpus
+from charlm.device import autocast, resolve_device, resolve_precision
+from charlm.errors import DataError
+from charlm.model import CharRNN
+
+LN2 = math.log(2.0)
+
+
+@torch.no_grad()
+def loss_sums(
+    model: CharRNN,
+    ids: torch.Tensor,
+    streams: int = 32,
+    seq_len: int = 256,
+    amp=None,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss (nats) and number of predictions over this process's share of ``ids``.
+
+    Every prediction ``ids[i] -> ids[i + 1]`` is counted once across all ranks; the state is
+    carried within each stream. Returns two 0-d float64 tensors on the ids' device.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
+    count = torch.zeros((), dtype=torch.float64, device=ids.device)
+    state = None
+    for x, y, reset in eval_windows(ids, streams, seq_len, rank, world):
+        if reset:
+            state = None
+        with amp or nullcontext():
+            logits, state = model(x, state)  # (S, t, V)
+        state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        total += loss.double()
+        count += y.numel()
+    model.train(was_training)
+    return total, count
+
+
+def mean_loss(
+    model: CharRNN,
+    ids: torch.Tensor,
+    streams: int = 32,
+    seq_len: int = 256,
+    amp=None,
+    rank: int = 0,
+    world: int = 1,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
+) -> float:
+    """Mean loss in nats/char over ``ids``; ``all_reduce`` sums the shares of all ranks."""
+    total, count = loss_sums(model, ids, streams, seq_len, amp, rank, world)
+    pair = torch.stack([total, count])
+    if all_reduce is not None:
+        all_reduce(pair)
+    return float(pair[0] / pair[1])
+
+
+@dataclass
+class EvalResult:
+    loss: float  # nats/char
+    chars: int  # characters evaluated
+    unknown: int  # characters dropped because they are not in the vocabulary
+
+    @property
+    def bpc(self) -> float:
+        return self.loss / LN2
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+def evaluate_file(
+    checkpoint_path: str | Path,
+    text_path: str | Path,
+    device: str = "auto",
+    precision: str = "fp32",
+    encoding: str = "utf-8",
+    errors: str = "strict",
+) -> EvalResult:
+    """Loss of a checkpoint over a whole text file; unknown characters are dropped and counted."""
+    ckpt = checkpoint.load(checkpoint_path)
+    dev = resolve_device(device)
+    model = checkpoint.model_of(ckpt, dev)
+    corpus = load_corpus(
+        text_path, vocab=checkpoint.vocab_of(ckpt), encoding=encoding, errors=errors,
+        drop_unknown=True,
+    )
+    if len(corpus.ids) < 2:
+        raise DataError(f"{text_path} has fewer than 2 characters in the model's vocabulary")
+    ids = as_tensor(corpus.ids, dev)
+    amp = autocast(dev, resolve_precision(precision, dev))
+    loss = mean_loss(model, ids, amp=amp)
+    return EvalResult(loss, len(corpus.ids), corpus.unknown)

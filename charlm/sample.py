@@ -1,0 +1,105 @@
+"""Sampling: warm the state on a seed string in one pass, then generate one character per
+step, carrying the state, for several streams at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from charlm.errors import CharlmError
+from charlm.model import CharRNN, step_context
+from charlm.vocab import Vocab
+
+
+def seed_ids(vocab: Vocab, seed: str, drop_unknown: bool = False) -> list[int]:
+    """Ids of the seed text; unknown characters are an error listing them, or dropped."""
+    missing = vocab.unknown_chars(seed) if seed else []
+    if missing and not drop_unknown:
+        shown = ", ".join(repr(c) for c in missing[:20])
+        raise CharlmError(
+            f"seed has characters not in the model's vocabulary: {shown}; "
+            "pass --drop-unknown to drop them"
+        )
+    if missing:
+        seed = "".join(c for c in seed if c not in set(missing))
+    return vocab.encode(seed).tolist() if seed else []
+
+
+def check_options(length: int, temperature: float, top_k: int, top_p: float, num_samples: int):
+    if length < 0:
+        raise CharlmError(f"--length must be >= 0; got {length}")
+    if not 0.0 <= temperature <= 100.0:
+        raise CharlmError(f"--temperature must be in [0, 100]; got {temperature}")
+    if top_k < 0:
+        raise CharlmError(f"--top-k must be >= 0 (0 = off); got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise CharlmError(f"--top-p must be in (0, 1]; got {top_p}")
+    if not 1 <= num_samples <= 65536:
+        raise CharlmError(f"--num-samples must be in [1, 65536]; got {num_samples}")
+
+
+def pick(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Inputs: logits (B, V). Returns the next ids (B,): greedy when ``temperature == 0``,
+    else sampled from the softmax at that temperature, limited to the ``top_k`` most likely
+    characters and to the smallest set whose probability reaches ``top_p``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a character when the ones before it already reach top_p (keeps at least one).
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: CharRNN,
+    vocab: Vocab,
+    seed: list[int],
+    length: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    random_seed: int | None = None,
+    on_step: Callable[[list[int]], None] | None = None,
+) -> list[str]:
+    """Generate ``num_samples`` continuations of ``length`` characters of the seed ids.
+
+    All samples run as one batch. ``on_step`` receives the new ids (one per sample) after
+    each step, for streaming. Returns the generated texts (without the seed).
+    """
+    device = model.head.weight.device
+    g = torch.Generator(device=device)
+    g.manual_seed(random_seed if random_seed is not None else torch.seed())
+    if not seed:
+        # An empty seed starts where text usually starts: after a newline.
+        start = vocab.chars.index("\n") if "\n" in vocab.chars else 0
+        seed = [start]
+    ids = torch.tensor([seed], device=device).expand(num_samples, -1)  # (B, T_seed)
+    logits, state = model(ids)
+    logits = logits[:, -1]  # (B, V)
+    out = torch.empty(num_samples, length, dtype=torch.long)
+    with step_context(device):
+        for t in range(length):
+            nxt = pick(logits, temperature, top_k, top_p, g)  # (B,)
+            host = nxt.cpu()
+            out[:, t] = host
+            if on_step is not None:
+                on_step(host.tolist())
+            if t + 1 < length:
+                logits, state = model(nxt[:, None], state)
+                logits = logits[:, -1]
+    return [vocab.decode(row) for row in out]
