@@ -1,0 +1,74 @@
+"""Shared fixtures: an isolated cache, small corpora, a trained tiny checkpoint, and a helper
+that runs the installed ``charlm`` console script in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny.toml"
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+SAMPLE_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+) * 40
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own id cache and data directory, and no network corpus."""
+    root = tmp_path_factory.mktemp("charlm-home")
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("CHARLM_DATA_DIR", str(root / "data"))
+    monkeypatch.setenv("CHARLM_CORPUS_URL", "http://127.0.0.1:9/unreachable")
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "input.txt"
+    path.write_text(SAMPLE_TEXT, encoding="utf-8")
+    return path
+
+
+def charlm_exe() -> list[str]:
+    exe = shutil.which("charlm")
+    return [exe] if exe else [sys.executable, "-m", "charlm"]
+
+
+def run_charlm(*args, cwd=None, env=None, timeout=120, input=None) -> subprocess.CompletedProcess:
+    """Run the real ``charlm`` command; returns the completed process (text mode)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [*charlm_exe(), *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
+        text=True, timeout=timeout, input=input,
+    )
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """A non-zero exit with a one-line 'error:' message and no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run directory trained with configs/tiny.toml by the real command (shared, read-only)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    text = root / "input.txt"
+    text.write_text(SAMPLE_TEXT, encoding="utf-8")
+    env = {"CHARLM_CACHE_DIR": str(root / "cache")}
+    proc = run_charlm("train", text, "--config", TINY_CONFIG, "--out", root / "run",
+                      "--no-progress", env=env)
+    assert proc.returncode == 0, proc.stderr
+    return root / "run"
