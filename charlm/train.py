@@ -278,6 +278,9 @@ def train(
     last_train, last_val = math.nan, math.nan
     stopped = ""
     saved_step = step if resume is not None else -1
+    # With sample_every not a multiple of eval_every, sample at the first evaluation past
+    # each multiple of it (a plain step % sample_every test would wait for their LCM).
+    sampled_at = step
     rate_t, rate_chars = time.perf_counter(), chars_seen
     model.train()
     try:
@@ -348,7 +351,9 @@ def train(
 
             if step % tc.eval_every == 0:
                 evaluate_and_save()
-                if main and tc.sample_chars and (not tc.sample_every or step % tc.sample_every == 0):
+                due = not tc.sample_every or step // tc.sample_every > sampled_at // tc.sample_every
+                if main and tc.sample_chars and due:
+                    sampled_at = step
                     text = generate(model.eval(), vocab, vocab.encode(sample_seed).tolist(),
                                     tc.sample_chars, temperature=0.8, random_seed=tc.seed)[0]
                     model.train()
