@@ -194,7 +194,8 @@ class Batcher:
         n, T, S = len(self.ids), self.seq_len, self.streams
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         slack = n - 1 - S * T  # >= 0, checked in __init__
-        self.offset = int(torch.randint(0, min(T, slack) + 1, (1,), generator=g))
+        # Offsets T and 0 are the same phase of the windows: draw from [0, T).
+        self.offset = int(torch.randint(0, min(T - 1, slack) + 1, (1,), generator=g))
         self.stream_len = (n - 1 - self.offset) // S
         self.steps_per_epoch = self.stream_len // T
         self._base = self.offset + self._rows * self.stream_len  # (B,)
@@ -241,7 +242,8 @@ def eval_windows(ids: torch.Tensor, streams: int, seq_len: int, rank: int = 0, w
     streams = max(1, min(streams, n))
     stream_len = n // streams
     groups = []
-    mine = torch.arange(rank, streams, world, device=ids.device)
+    # A rank beyond the last stream gets none (arange refuses a start past its end).
+    mine = torch.arange(rank, max(rank, streams), world, device=ids.device)
     if len(mine):
         groups.append((mine * stream_len, stream_len))
     tail = n - streams * stream_len
