@@ -8,36 +8,9 @@ from collections.abc import Callable
 
 import torch
 
-from charlm.errors import CharlmError
+from charlm.decoding import check_options, seed_ids, start_ids  # noqa: F401 - re-exported
 from charlm.model import CharRNN, step_context
 from charlm.vocab import Vocab
-
-
-def seed_ids(vocab: Vocab, seed: str, drop_unknown: bool = False) -> list[int]:
-    """Ids of the seed text; unknown characters are an error listing them, or dropped."""
-    missing = vocab.unknown_chars(seed) if seed else []
-    if missing and not drop_unknown:
-        shown = ", ".join(repr(c) for c in missing[:20])
-        raise CharlmError(
-            f"seed has characters not in the model's vocabulary: {shown}; "
-            "pass --drop-unknown to drop them"
-        )
-    if missing:
-        seed = "".join(c for c in seed if c not in set(missing))
-    return vocab.encode(seed).tolist() if seed else []
-
-
-def check_options(length: int, temperature: float, top_k: int, top_p: float, num_samples: int):
-    if length < 0:
-        raise CharlmError(f"--length must be >= 0; got {length}")
-    if not 0.0 <= temperature <= 100.0:
-        raise CharlmError(f"--temperature must be in [0, 100]; got {temperature}")
-    if top_k < 0:
-        raise CharlmError(f"--top-k must be >= 0 (0 = off); got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise CharlmError(f"--top-p must be in (0, 1]; got {top_p}")
-    if not 1 <= num_samples <= 65536:
-        raise CharlmError(f"--num-samples must be in [1, 65536]; got {num_samples}")
 
 
 def pick(
@@ -84,10 +57,7 @@ def generate(
     device = model.head.weight.device
     g = torch.Generator(device=device)
     g.manual_seed(random_seed if random_seed is not None else torch.seed())
-    if not seed:
-        # An empty seed starts where text usually starts: after a newline.
-        start = vocab.chars.index("\n") if "\n" in vocab.chars else 0
-        seed = [start]
+    seed = start_ids(vocab, seed)
     ids = torch.tensor([seed], device=device).expand(num_samples, -1)  # (B, T_seed)
     logits, state = model(ids)
     logits = logits[:, -1]  # (B, V)
