@@ -10,6 +10,7 @@ from typing import Annotated
 
 import click
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -137,6 +138,7 @@ def train(
         stop_at_step=stop_at_step, progress=progress,
     )
     _print_summary(result)
+    _print_loss_curve(result.run_dir)
     if result.stopped == "interrupted":
         err.print(
             f"interrupted at step {result.step}; saved {result.run_dir / 'last.pt'}. "
@@ -166,6 +168,34 @@ def _print_summary(r) -> None:
         ("device", f"{r.device} ({r.precision})"),
     ] + [("note", note) for note in r.notes]
     err.print(_table("charlm train", rows))
+
+
+def _print_loss_curve(run_dir: Path) -> None:
+    """The run's loss curve as a small character grid, so its shape shows without a PNG."""
+    from charlm.plot import load_curves, loss_grid
+
+    try:
+        curves = load_curves(run_dir)
+    except CharlmError:  # nothing logged yet (a very short run): no curve, no fuss
+        return
+    grid = loss_grid(curves, width=max(20, min(64, err.width - 10)), height=8)
+    if grid is None:
+        return
+    glyphs = {"t": ("•", "cyan"), "v": ("●", "bold magenta"), " ": (" ", "")}
+    lines = [Text.assemble("bits/char  ", ("•", "cyan"), " train  ", ("●", "bold magenta"),
+                           " validation", style="dim")]
+    for i, row in enumerate(grid.rows):
+        label = {0: f"{grid.y_max:6.2f} ┤", len(grid.rows) - 1: f"{grid.y_min:6.2f} ┤"}
+        line = Text(label.get(i, "       │"), style="dim")
+        for cell in row:
+            line.append(*glyphs[cell])
+        lines.append(line)
+    width = len(grid.rows[0])
+    lines.append(Text("       └" + "─" * width, style="dim"))
+    right = f"{grid.x_max:,} characters"
+    lines.append(Text("        0" + right.rjust(width - 1), style="dim"))
+    for line in lines:
+        err.print(line, no_wrap=True, overflow="crop")
 
 
 # --------------------------------------------------------------------------------- sample
@@ -278,6 +308,66 @@ def download(
 
     path = fetch(url or os.environ.get("CHARLM_CORPUS_URL") or TINY_SHAKESPEARE_URL, output)
     out.print(str(path))
+
+
+# ---------------------------------------------------------------------------- plot / runs
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories to compare.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG file (default: RUN_DIR/loss.png, or loss.png for several runs).")] = None,
+    width: Annotated[int, typer.Option(help="Image width in pixels.")] = 1200,
+    height: Annotated[int, typer.Option(help="Image height in pixels.")] = 480,
+) -> None:
+    """Plot train and validation loss (bits/char) against characters seen and wall time."""
+    from charlm.plot import plot_runs
+
+    r = plot_runs(run_dirs, output, width=width, height=height)
+    runs_text = "1 run" if r.runs == 1 else f"{r.runs} runs"
+    out.print(f"wrote {r.path} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+@app.command()
+def runs(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Folder of run directories.")] = Path("runs"),
+) -> None:
+    """List the runs in DIR (default runs/), best validation loss first."""
+    from datetime import datetime
+
+    from charlm.runs import list_runs
+
+    found = list_runs(directory)
+    if not found:
+        out.print(f"no runs in {directory} yet; start one with: charlm train")
+        return
+    # A light box, and no padding on narrow terminals, so nine columns fit in 80; only the
+    # run name may fold onto several lines, numbers and dates stay whole.
+    table = Table(title=f"runs in {directory}, best validation loss first", title_justify="left",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  padding=(0, 1) if out.width >= 100 else (0, 0))
+    table.add_column("run", overflow="fold")
+    for name in ("cell", "size", "steps", "val loss", "bits/char", "chars/s", "time", "date"):
+        table.add_column(name, justify="left" if name in ("cell", "date") else "right", no_wrap=True)
+    for r in found:
+        size = "?" if r.hidden_size is None else f"{r.hidden_size}x{r.num_layers or '?'}"
+        table.add_row(
+            r.name, r.cell or "?", size, f"{r.steps:,}",
+            "-" if r.best_val_loss is None else f"{r.best_val_loss:.4f}",
+            "-" if r.best_val_bpc is None else f"{r.best_val_bpc:.4f}",
+            "-" if r.chars_per_sec is None else f"{r.chars_per_sec:,.0f}",
+            _duration(r.elapsed) if r.elapsed > 0 else "-",
+            datetime.fromtimestamp(r.modified).strftime("%Y-%m-%d %H:%M"),
+        )
+    out.print(table)
 
 
 # ---------------------------------------------------------------------------------- entry

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import pickle
+import tomllib
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from charlm.checkpoint import atomic_write_text
 from charlm.errors import CharlmError
@@ -102,12 +109,15 @@ class MetricsLog:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics file, skipping a torn last line."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    # Undecodable bytes become U+FFFD, so a damaged line fails to parse and is skipped.
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 
@@ -119,3 +129,125 @@ def latest_checkpoint(root: Path = RUNS_DIR) -> Path:
     newest_dir = max(found, key=lambda p: p.stat().st_mtime).parent
     best = newest_dir / "best.pt"
     return best if best.exists() else newest_dir / "last.pt"
+
+
+# ------------------------------------------------------------------------------ run listing
+RUN_FILES = ("metrics.jsonl", "config.toml", *CHECKPOINT_NAMES)
+
+
+@dataclass
+class RunInfo:
+    """What ``charlm runs`` shows about one run directory (plain values; None when unknown)."""
+
+    name: str
+    path: Path
+    cell: str | None
+    embed_size: int | None
+    hidden_size: int | None
+    num_layers: int | None
+    steps: int
+    chars_seen: int
+    elapsed: float  # seconds of training, over all resumes
+    best_val_loss: float | None  # nats per character
+    modified: float  # POSIX time the run last wrote a file
+
+    @property
+    def best_val_bpc(self) -> float | None:
+        return None if self.best_val_loss is None else self.best_val_loss / math.log(2.0)
+
+    @property
+    def chars_per_sec(self) -> float | None:
+        return self.chars_seen / self.elapsed if self.elapsed > 0 else None
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in RUN_FILES)
+
+
+def _quiet_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """last.pt (else best.pt) memory-mapped, so only the small values are read from disk;
+    None when neither can be read (a listing shows what it can rather than fail)."""
+    for name in CHECKPOINT_NAMES:
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+                KeyError, zipfile.BadZipFile):
+            continue
+        if isinstance(ckpt, dict):
+            return ckpt
+    return None
+
+
+def _model_config(run_dir: Path, ckpt: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        config = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        config = ckpt.get("config", {}) if ckpt else {}
+    model = config.get("model", {}) if isinstance(config, dict) else {}
+    return model if isinstance(model, dict) else {}
+
+
+def _number(value: Any, kind: type) -> Any:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return kind(value) if ok and math.isfinite(value) else None
+
+
+def run_info(run_dir: Path) -> RunInfo:
+    """Summarize one run from its metrics.jsonl and config.toml; the checkpoint's training
+    state fills in what they lack (a run whose metrics file was deleted, say)."""
+    metrics_path = run_dir / "metrics.jsonl"
+    try:
+        records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    except OSError:
+        records = []
+    steps = max((_number(r.get("step"), int) or 0 for r in records), default=0)
+    chars = max((_number(r.get("chars"), int) or 0 for r in records), default=0)
+    elapsed = max((_number(r.get("elapsed"), float) or 0.0 for r in records), default=0.0)
+    vals = [_number(r.get("val_loss"), float) for r in records if r.get("kind") == "eval"]
+    vals = [v for v in vals if v is not None]
+    best = min(vals, default=None)
+
+    ckpt = None
+    if not records or not (run_dir / "config.toml").is_file():
+        ckpt = _quiet_checkpoint(run_dir)
+    ts = ckpt.get("train_state", {}) if ckpt else {}
+    if not records and isinstance(ts, dict):
+        steps = _number(ts.get("step"), int) or 0
+        chars = _number(ts.get("chars_seen"), int) or 0
+        elapsed = _number(ts.get("elapsed"), float) or 0.0
+        best = _number(ts.get("best_val_loss"), float)
+    model = _model_config(run_dir, ckpt)
+
+    def model_value(key: str, kind: type) -> Any:
+        value = model.get(key)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    mtimes = [(run_dir / name).stat().st_mtime for name in RUN_FILES if (run_dir / name).is_file()]
+    return RunInfo(
+        name=run_dir.name, path=run_dir, cell=model_value("cell", str),
+        embed_size=model_value("embed_size", int), hidden_size=model_value("hidden_size", int),
+        num_layers=model_value("num_layers", int), steps=steps, chars_seen=chars, elapsed=elapsed,
+        best_val_loss=best, modified=max(mtimes, default=run_dir.stat().st_mtime),
+    )
+
+
+def list_runs(root: str | Path = RUNS_DIR) -> list[RunInfo]:
+    """Every run directory directly under ``root`` (or ``root`` itself when it is one),
+    best validation loss first; runs never evaluated come last, newest first."""
+    root = Path(root)
+    if not root.exists():
+        raise CharlmError(f"runs directory not found: {root}")
+    if not root.is_dir():
+        raise CharlmError(f"{root} is not a directory")
+    if is_run_dir(root):
+        return [run_info(root)]
+    try:
+        candidates = sorted(root.iterdir())
+    except OSError as exc:
+        raise CharlmError(f"cannot read {root}: {exc.strerror}") from None
+    runs = [run_info(path) for path in candidates if is_run_dir(path)]
+    runs.sort(key=lambda r: (r.best_val_loss is None, r.best_val_loss or 0.0, -r.modified))
+    return runs
