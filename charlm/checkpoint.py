@@ -148,6 +148,27 @@ def model_of(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> CharRN
     return model.to(device).eval()
 
 
+def read(path: str | Path) -> dict[str, Any]:
+    """A .pt checkpoint, or a .safetensors export as the same kind of dict (format_version,
+    config, vocab, model; no training state), for commands that only need the model."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".safetensors":
+        from charlm.export import read_safetensors  # needs the optional safetensors package
+
+        return read_safetensors(path)
+    if suffix == ".onnx":
+        raise CheckpointError(
+            f"{path} is an ONNX export, which only `charlm sample` reads; use the .pt checkpoint"
+        )
+    return load(path)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[CharRNN, Vocab]:
+    """The model (eval mode, on ``device``) and vocabulary of a .pt or .safetensors file."""
+    ckpt = read(path)
+    return model_of(ckpt, device), vocab_of(ckpt)
+
+
 def shape_differences(old: Config, new: Config) -> list[str]:
     """Model fields that differ between two configs and would change parameter shapes."""
     return [

@@ -213,18 +213,28 @@ def sample(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Generate text from a seed string."""
-    from charlm import checkpoint
-    from charlm.device import resolve_device
-    from charlm.runs import latest_checkpoint
-    from charlm.sample import check_options, generate, seed_ids
+    from charlm.decoding import check_options, seed_ids
 
     check_options(length, temperature, top_k, top_p, num_samples)
     if checkpoint_path is None:
+        from charlm.runs import latest_checkpoint
+
         checkpoint_path = latest_checkpoint()
         err.print(f"using {checkpoint_path}", style="dim")
-    ckpt = checkpoint.load(checkpoint_path)
-    model = checkpoint.model_of(ckpt, resolve_device(device))
-    vocab = checkpoint.vocab_of(ckpt)
+    if checkpoint_path.suffix.lower() == ".onnx":
+        # onnxruntime and numpy only: this path never imports torch.
+        from charlm import onnx_runtime
+
+        if device not in ("cpu", "auto"):
+            raise CharlmError("an ONNX model runs on the CPU with onnxruntime; drop --device")
+        model = onnx_runtime.load(checkpoint_path)
+        vocab, generate = model.vocab, onnx_runtime.generate
+    else:
+        from charlm.checkpoint import load_model
+        from charlm.device import resolve_device
+        from charlm.sample import generate
+
+        model, vocab = load_model(checkpoint_path, resolve_device(device))
     ids = seed_ids(vocab, seed, drop_unknown)
     stream = num_samples == 1
     if stream:
@@ -273,7 +283,7 @@ def info(checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")])
 
     from charlm import checkpoint
 
-    ckpt = checkpoint.load(checkpoint_path)
+    ckpt = checkpoint.read(checkpoint_path)
     cfg = checkpoint.config_of(ckpt)
     ts = ckpt.get("train_state", {})
     source = ckpt.get("train_file", {})
@@ -294,6 +304,26 @@ def info(checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")])
         ("file sha256", str(source.get("sha256", "?"))),
         ("format / charlm / torch",
          f"{ckpt['format_version']} / {ckpt.get('charlm_version')} / {ckpt.get('torch_version')}"),
+    ]))
+
+
+@app.command()
+def export(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .pt checkpoint (or a .safetensors export).")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="safetensors or onnx.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (default: CHECKPOINT with the suffix of the format).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Export a checkpoint as safetensors or ONNX, verified against PyTorch."""
+    from charlm.export import TOLERANCE, export_checkpoint
+
+    r = export_checkpoint(checkpoint_path, format_, output, force)
+    batches = " and ".join(str(b) for b in r.batches)
+    out.print(_table("charlm export", [
+        ("file", str(r.path)),
+        ("format", f"{r.format} ({r.cell})"),
+        ("size", f"{r.size:,} bytes"),
+        ("verified", f"batch {batches}: max |diff| from PyTorch {r.max_diff:.1e} (< {TOLERANCE:g})"),
     ]))
 
 

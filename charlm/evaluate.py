@@ -94,12 +94,12 @@ def evaluate_file(
     encoding: str = "utf-8",
     errors: str = "strict",
 ) -> EvalResult:
-    """Loss of a checkpoint over a whole text file; unknown characters are dropped and counted."""
-    ckpt = checkpoint.load(checkpoint_path)
+    """Loss of a checkpoint (.pt or .safetensors) over a whole text file; unknown characters
+    are dropped and counted."""
     dev = resolve_device(device)
-    model = checkpoint.model_of(ckpt, dev)
+    model, vocab = checkpoint.load_model(checkpoint_path, dev)
     corpus = load_corpus(
-        text_path, vocab=checkpoint.vocab_of(ckpt), encoding=encoding, errors=errors,
+        text_path, vocab=vocab, encoding=encoding, errors=errors,
         drop_unknown=True,
     )
     if len(corpus.ids) < 2:

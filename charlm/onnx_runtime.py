@@ -1,0 +1,163 @@
+"""Running an exported ONNX model with onnxruntime and numpy only: no torch import anywhere on
+this path, so ``charlm sample --checkpoint model.onnx`` works where torch is not installed.
+
+The file (written by export.py) is the single-step model. Shapes: B batch, V vocabulary,
+H hidden, L layers.
+  inputs:  ids (B, 1) int64; h (L, B, H) float32; c (L, B, H) float32 for lstm only
+  outputs: logits (B, V) float32; h_out (L, B, H); c_out (L, B, H) for lstm only
+Its metadata_props hold ``format``, ``format_version``, ``charlm_version``, ``config`` (the run
+config as JSON; ``config["model"]`` describes the network) and ``vocab`` (a JSON list of
+characters; the id of a character is its index).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from charlm.config import Config
+from charlm.decoding import start_ids
+from charlm.errors import CharlmError, CheckpointError
+from charlm.extras import require
+from charlm.vocab import Vocab
+
+FORMAT = "charlm-onnx-step"
+FORMAT_VERSION = 1
+
+
+def state_names(cell: str) -> list[str]:
+    """Names of the state inputs; the outputs add ``_out``."""
+    return ["h", "c"] if cell == "lstm" else ["h"]
+
+
+@dataclass
+class OnnxModel:
+    """An onnxruntime session of the single-step model, with its vocabulary and config."""
+
+    session: Any
+    vocab: Vocab
+    config: Config
+    path: Path
+
+    @property
+    def cell(self) -> str:
+        return self.config.model.cell
+
+    def init_state(self, batch_size: int) -> list[np.ndarray]:
+        """Zero state: one (L, B, H) float32 array per state input."""
+        m = self.config.model
+        shape = (m.num_layers, batch_size, m.hidden_size)
+        return [np.zeros(shape, dtype=np.float32) for _ in state_names(m.cell)]
+
+    def step(self, ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Inputs: ids (B,) ints; state from :meth:`init_state` or a previous step.
+        Returns: logits (B, V) float32 and the new state."""
+        feeds = {"ids": np.asarray(ids, dtype=np.int64).reshape(-1, 1)}
+        feeds.update(zip(state_names(self.cell), state, strict=True))
+        logits, *new_state = self.session.run(None, feeds)
+        return logits, new_state
+
+
+def load(path: str | Path) -> OnnxModel:
+    """Open a charlm ONNX export with onnxruntime and check its metadata and inputs."""
+    ort = require("onnxruntime", "export", "running an ONNX model")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ONNX model not found: {path}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: onnxruntime warns about unused initializers
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # onnxruntime raises its own exception classes (InvalidProtobuf, Fail, ...) for bad files.
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"{path} is damaged or not an ONNX model ({first})") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a charlm ONNX export (no charlm metadata)")
+    version = meta.get("format_version", "")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has ONNX export format {version!r}, newer than this charlm reads "
+            f"({FORMAT_VERSION}); upgrade charlm (pip install -U charlm)"
+        )
+    try:
+        config = Config.from_dict(json.loads(meta["config"]), source="ONNX metadata config")
+        vocab = Vocab.from_json(meta["vocab"])
+    except (KeyError, ValueError, TypeError, CharlmError) as exc:
+        raise CheckpointError(f"{path} has invalid charlm metadata: {exc}") from None
+    expected = ["ids", *state_names(config.model.cell)]
+    found = [i.name for i in session.get_inputs()]
+    if found != expected:
+        raise CheckpointError(f"{path} has inputs {found}; a charlm export has {expected}")
+    return OnnxModel(session, vocab, config, path)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def pick(
+    logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Inputs: logits (B, V). Returns the next ids (B,) int64, with the rules of
+    :func:`charlm.sample.pick`: greedy when ``temperature == 0``, else sampled at that
+    temperature from the ``top_k`` most likely characters and the smallest set whose
+    probability reaches ``top_p``."""
+    if temperature == 0:
+        return logits.argmax(axis=-1).astype(np.int64)
+    z = logits.astype(np.float64) / temperature  # (B, V)
+    V = z.shape[-1]
+    if 0 < top_k < V:
+        kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]  # (B, 1)
+        z = np.where(z < kth, -np.inf, z)
+    if top_p < 1.0:
+        order = np.argsort(-z, axis=-1, kind="stable")
+        p_sorted = _softmax(np.take_along_axis(z, order, axis=-1))
+        # Drop a character when the ones before it already reach top_p (keeps at least one).
+        drop_sorted = (np.cumsum(p_sorted, axis=-1) - p_sorted) >= top_p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        z = np.where(drop, -np.inf, z)
+    cum = np.cumsum(_softmax(z), axis=-1)  # (B, V)
+    # Inverse CDF: the first id whose cumulative probability exceeds u; ``<=`` skips ids of
+    # probability 0 even when u is exactly 0.
+    u = rng.random((z.shape[0], 1)) * cum[:, -1:]
+    return np.minimum((cum <= u).sum(axis=-1), V - 1).astype(np.int64)
+
+
+def generate(
+    model: OnnxModel,
+    vocab: Vocab,
+    seed: list[int],
+    length: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    random_seed: int | None = None,
+    on_step: Callable[[list[int]], None] | None = None,
+) -> list[str]:
+    """Generate ``num_samples`` continuations of ``length`` characters of the seed ids, like
+    :func:`charlm.sample.generate` (same arguments; numpy's random generator, so a random seed
+    gives other text than the PyTorch sampler, while greedy decoding gives the same text).
+    The seed is fed one character per step, as the file holds only the single-step model."""
+    rng = np.random.default_rng(random_seed)
+    state = model.init_state(num_samples)
+    for i in start_ids(vocab, seed):
+        logits, state = model.step(np.full(num_samples, i), state)  # (B, V)
+    out = np.empty((num_samples, length), dtype=np.int64)
+    for t in range(length):
+        nxt = pick(logits, temperature, top_k, top_p, rng)  # (B,)
+        out[:, t] = nxt
+        if on_step is not None:
+            on_step(nxt.tolist())
+        if t + 1 < length:
+            logits, state = model.step(nxt, state)
+    return [vocab.decode(row) for row in out]
