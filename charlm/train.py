@@ -19,8 +19,8 @@ from tqdm import tqdm
 from charlm import checkpoint
 from charlm.config import Config, to_toml, validate
 from charlm.data import Batcher, as_tensor, load_corpus, split
-from charlm.device import autocast, resolve_device, resolve_precision, set_threads
-from charlm.distributed import Dist
+from charlm.device import autocast, cpu_count, resolve_precision, set_threads
+from charlm.distributed import Dist, restack_rows
 from charlm.errors import CharlmError, CheckpointError, DataError
 from charlm.evaluate import LN2, mean_loss
 from charlm.model import build_model, detach_state, state_from_tensors, state_tensors
@@ -87,12 +87,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _seek(batcher: Batcher, progress: float) -> None:
+    """Move ``batcher`` to ``progress`` epochs (a fraction), at a window boundary."""
+    epoch = int(progress)
+    batcher.load_state_dict({"epoch": epoch, "index": 0})
+    index = round((progress - epoch) * batcher.steps_per_epoch)
+    batcher.load_state_dict({"epoch": epoch, "index": index})
+
+
 class StopSignals:
     """First SIGINT/SIGTERM asks the loop to stop after the current step (it then saves);
     a second one exits at once. Files are always replaced atomically, so nothing is torn."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signum = 0
+        self.announce = announce  # only one process of a distributed run speaks
         self.previous = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -106,7 +119,12 @@ class StopSignals:
 
             os._exit(EXIT_INTERRUPTED)
         self.signum = signum
-        tqdm.write("stopping after this step and saving last.pt (press Ctrl-C again to quit now)")
+        if not self.announce:
+            return
+        try:
+            tqdm.write("stopping after this step and saving last.pt (press Ctrl-C again to quit now)")
+        except (RuntimeError, OSError):  # the handler interrupted a write to the same stream
+            pass
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -143,10 +161,11 @@ def train(
     validate(cfg)
     dist = dist or Dist()
     tc = cfg.train
-    device = dist.device or resolve_device(tc.device)
+    device = dist.pick_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     if device.type == "cpu":
-        set_threads(tc.threads)
+        # Processes sharing a machine share its cores.
+        set_threads(tc.threads or max(1, cpu_count() // dist.local_world))
     notes: list[str] = []
 
     base = resume or init_from
@@ -188,7 +207,14 @@ def train(
     torch.manual_seed(tc.seed)
     model = build_model(len(vocab), cfg.model).to(device)
     if base is not None:
-        model.load_state_dict(base["model"])
+        try:
+            model.load_state_dict(base["model"])
+        except (RuntimeError, TypeError, KeyError) as exc:
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit its config ({_first_line(exc)})"
+            ) from None
+    if dist.rank:  # each process its own dropout masks; rank 0 keeps the 1-process stream
+        torch.manual_seed(tc.seed + dist.rank)
     optimizer = make_optimizer(model, tc, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     amp = autocast(device, precision)
@@ -198,18 +224,46 @@ def train(
     loss_sum, loss_count = torch.zeros((), device=device), 0
     state = None
     if resume is not None:
-        ts = resume["train_state"]
-        optimizer.load_state_dict(resume["optimizer"])
-        step, elapsed_before, chars_seen = ts["step"], ts["elapsed"], ts["chars_seen"]
-        best_val, evals_since_best = ts["best_val_loss"], ts["evals_since_best"]
-        loss_sum += ts["loss_sum"]
-        loss_count = ts["loss_count"]
-        batcher.load_state_dict(ts["batcher"])
-        if ts["carried_state"] is not None:
-            tensors = [t.to(device) for t in ts["carried_state"][dist.rank]]
-            state = state_from_tensors(tensors, cfg.model.cell)
-        set_rng_state(ts["rng"][dist.rank] if dist.rank < len(ts["rng"]) else ts["rng"][0])
-    dmodel = dist.wrap(model)
+        try:
+            ts = resume["train_state"]
+            optimizer.load_state_dict(resume["optimizer"])
+            step, elapsed_before, chars_seen = ts["step"], ts["elapsed"], ts["chars_seen"]
+            best_val, evals_since_best = ts["best_val_loss"], ts["evals_since_best"]
+            loss_sum += ts["loss_sum"]
+            loss_count = ts["loss_count"]
+            old_tc = checkpoint.config_of(resume).train
+            old_layout = (old_tc.batch_size, old_tc.seq_len, ts.get("world", 1))
+            if old_layout == (B, T, dist.world):
+                batcher.load_state_dict(ts["batcher"])
+                if ts["carried_state"] is not None:
+                    tensors = [t.to(device) for t in ts["carried_state"][dist.rank]]
+                    state = state_from_tensors(tensors, cfg.model.cell)
+            elif old_layout[1] == T and old_layout[0] * old_layout[2] == B * dist.world:
+                # Another number of processes over the same streams: the same windows, so
+                # the data order and each stream's carried state go on exactly.
+                batcher.load_state_dict(ts["batcher"])
+                if ts["carried_state"] is not None:
+                    tensors = [t.to(device) for t in restack_rows(ts["carried_state"], dist.rank, B)]
+                    state = state_from_tensors(tensors, cfg.model.cell)
+                notes.append(
+                    f"resumed a {old_layout[2]}-process run on {dist.world} process(es) over the "
+                    f"same {B * dist.world} streams: the data order is unchanged"
+                )
+            else:
+                # The saved (epoch, index) and carried state describe other windows: go on
+                # from the same point of the epoch with a fresh state.
+                _seek(batcher, float(ts["epoch"]))
+                notes.append(
+                    f"batch_size x seq_len x processes changed ({old_layout[0]}x"
+                    f"{old_layout[1]}x{old_layout[2]} -> {B}x{T}x{dist.world}): resumed at "
+                    f"epoch {batcher.progress:.3f} with a fresh state, not an exact continuation"
+                )
+            if dist.rank < len(ts["rng"]):  # a new rank keeps its own seed from above
+                set_rng_state(ts["rng"][dist.rank])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"the checkpoint's training state cannot be restored ({_first_line(exc)})"
+            ) from None
 
     main = dist.rank == 0
     if main:
@@ -222,7 +276,10 @@ def train(
         metrics = MetricsLog(run_dir / "metrics.jsonl", step if resume is not None else None)
     else:
         run_dir, lock, metrics = Path(out_dir or "."), None, None
+    # The first collective: a setup error on any rank (including the run directory on
+    # rank 0) is reported there once, and every rank stops.
     run_dir = dist.broadcast_path(run_dir)
+    dmodel = dist.wrap(model)
 
     sample_seed = vocab.decode(train_np[: min(8, len(train_np))])
     source_info = {**corpus.source.describe(), "path": str(Path(text_path).resolve())}
@@ -232,6 +289,7 @@ def train(
             None if state is None else [t.cpu() for t in state_tensors(state)]
         )
         rngs = dist.gather_objects(rng_state())
+        replicas = dist.replica_digests(model)  # raises if the processes' copies differ
         return checkpoint.make_checkpoint(
             model, cfg, vocab,
             optimizer=optimizer.state_dict(),
@@ -241,8 +299,9 @@ def train(
                 "carried_state": None if states[0] is None else states,
                 "rng": rngs, "elapsed": elapsed(), "chars_seen": chars_seen,
                 "best_val_loss": best_val, "evals_since_best": evals_since_best,
-                "loss_sum": float(loss_sum), "loss_count": loss_count,
-                "world": dist.world,
+                # The mean over processes, so that each can go on from it after a resume.
+                "loss_sum": float(dist.mean(loss_sum)), "loss_count": loss_count,
+                "world": dist.world, "replicas": replicas,
             },
         )
 
@@ -270,7 +329,7 @@ def train(
         _save_eval_checkpoints(snapshot(), run_dir, improved, step, tc.keep_last, main)
         saved_step = step
 
-    signals = StopSignals()
+    signals = StopSignals(announce=main)
     bar = tqdm(
         total=tc.max_steps or None, initial=step, unit="step", dynamic_ncols=True,
         disable=not (progress and main), leave=False,
@@ -285,9 +344,12 @@ def train(
     model.train()
     try:
         while True:
+            # Clocks differ between processes: they follow rank 0's, so that all stop at
+            # the same step and use the same learning rate.
+            now = dist.agree(elapsed()) if tc.max_time else elapsed()
             if tc.max_steps and step >= tc.max_steps:
                 stopped = "max_steps"
-            elif tc.max_time and elapsed() >= tc.max_time:
+            elif tc.max_time and now >= tc.max_time:
                 stopped = "max_time"
             elif tc.max_epochs and batcher.progress >= tc.max_epochs:
                 stopped = "max_epochs"
@@ -300,7 +362,7 @@ def train(
             if batcher.new_epoch or state is None:
                 state = model.init_state(B)
             x, y = batcher.next()  # (B, T)
-            lr = lr_at(step, planned_progress(step, elapsed(), batcher.progress, tc), tc)
+            lr = lr_at(step, planned_progress(step, now, batcher.progress, tc), tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with amp:
@@ -317,7 +379,8 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                     state = detach_state(new_state)
                     notes.append(f"skipped a non-finite loss at step {step + 1}")
-                    tqdm.write(notes[-1])
+                    if main:
+                        tqdm.write(notes[-1])
                     step += 1
                     continue
                 stopped = "nan"
@@ -361,7 +424,8 @@ def train(
                                f"{sample_seed}{text}\n---")
                 if tc.patience and evals_since_best >= tc.patience:
                     stopped = "patience"
-                    notes.append(f"early stopping: no new best in {tc.patience} evaluations")
+                    evals = "1 evaluation" if tc.patience == 1 else f"{tc.patience} evaluations"
+                    notes.append(f"early stopping: no new best in {evals}")
                     break
     finally:
         bar.close()

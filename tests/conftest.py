@@ -3,10 +3,12 @@ that runs the installed ``charlm`` console script in a subprocess."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,24 @@ def run_charlm(*args, cwd=None, env=None, timeout=120, input=None) -> subprocess
         [*charlm_exe(), *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
         text=True, timeout=timeout, input=input,
     )
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """Run ``charlm`` inside this process, for speed; returns what :func:`run_charlm` returns.
+
+    Unexpected exceptions still end in the CLI's last-resort handler, so pair it with
+    :func:`assert_clean_error` and check for "internal error" where that matters.
+    """
+    from charlm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
