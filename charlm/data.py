@@ -178,6 +178,12 @@ class Batcher:
         if streams % world:
             raise DataError(f"{streams} streams cannot be split evenly over {world} processes")
         need = streams * seq_len + 1
+        if len(ids) < need and world > 1:
+            raise DataError(
+                f"training text has {len(ids):,} characters but {world} processes x batch size "
+                f"{streams // world} x sequence length {seq_len} need at least {need:,}; use "
+                "fewer processes, a lower --batch-size or --seq-len, or more text"
+            )
         if len(ids) < need:
             raise DataError(
                 f"training text has {len(ids):,} characters but batch size x sequence length "
