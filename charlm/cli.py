@@ -88,55 +88,65 @@ def train(
     drop_unknown: Annotated[bool, typer.Option(help="Drop characters outside an --init-from vocabulary.")] = False,
     stop_at_step: Annotated[int, typer.Option(help="Pause at this step (resumable; the schedule is unchanged).")] = 0,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    dist_timeout: Annotated[float | None, typer.Option(help="Under torchrun: seconds to wait for a stalled process before all stop (default 300).")] = None,
 ) -> None:
-    """Train a model on a text file."""
+    """Train a model on a text file. Under torchrun, trains one model over all processes."""
     from charlm import checkpoint
     from charlm.config import Config, apply_sets, load_toml, validate
     from charlm.corpus import default_corpus
+    from charlm.distributed import from_env
     from charlm.train import EXIT_INTERRUPTED
     from charlm.train import train as run_training
 
-    if resume and init_from:
-        raise CharlmError("--resume and --init-from cannot be used together")
-    resume_ckpt = init_ckpt = None
-    if resume is not None:
-        ckpt_path = resume / "last.pt" if resume.is_dir() else resume
-        resume_ckpt = checkpoint.load(ckpt_path)
-        if "train_state" not in resume_ckpt:
-            raise CharlmError(f"{ckpt_path} has no training state to resume (exported weights?)")
-        cfg = checkpoint.config_of(resume_ckpt)
-        out_dir = out_dir or ckpt_path.parent
+    # Under torchrun: join the other processes first, so that an error in any process's
+    # setup is reported once and stops them all.
+    with from_env(dist_timeout) as dist:
+        if resume and init_from:
+            raise CharlmError("--resume and --init-from cannot be used together")
+        resume_ckpt = init_ckpt = None
+        if resume is not None:
+            ckpt_path = resume / "last.pt" if resume.is_dir() else resume
+            resume_ckpt = checkpoint.load(ckpt_path)
+            if "train_state" not in resume_ckpt:
+                raise CharlmError(f"{ckpt_path} has no training state to resume (exported weights?)")
+            cfg = checkpoint.config_of(resume_ckpt)
+            out_dir = out_dir or ckpt_path.parent
+            if file is None:
+                file = Path(resume_ckpt["train_file"]["path"])
+        else:
+            cfg = Config()
+            if init_from is not None:
+                init_ckpt = checkpoint.load(init_from)
+                cfg.model = checkpoint.config_of(init_ckpt).model
+        if config is not None:
+            cfg = load_toml(config, cfg)
+        options = dict(
+            cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
+            dropout=dropout, batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=max_steps,
+            max_time=max_time, max_epochs=max_epochs, eval_every=eval_every, seed=seed,
+            device=device, precision=precision, encoding=encoding, patience=patience,
+            keep_last=keep_last, sample_every=sample_every,
+        )
+        apply_sets(cfg, _overrides(**options) + list(set_ or []))
+        if no_samples:
+            cfg.train.sample_chars = 0
+        validate(cfg)
         if file is None:
-            file = Path(resume_ckpt["train_file"]["path"])
-    else:
-        cfg = Config()
-        if init_from is not None:
-            init_ckpt = checkpoint.load(init_from)
-            cfg.model = checkpoint.config_of(init_ckpt).model
-    if config is not None:
-        cfg = load_toml(config, cfg)
-    options = dict(
-        cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
-        dropout=dropout, batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=max_steps,
-        max_time=max_time, max_epochs=max_epochs, eval_every=eval_every, seed=seed,
-        device=device, precision=precision, encoding=encoding, patience=patience,
-        keep_last=keep_last, sample_every=sample_every,
-    )
-    apply_sets(cfg, _overrides(**options) + list(set_ or []))
-    if no_samples:
-        cfg.train.sample_chars = 0
-    validate(cfg)
-    if file is None:
-        file = default_corpus()
-        err.print(f"training on tiny Shakespeare: {file}")
-    if stop_at_step < 0:
-        raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
+            file = default_corpus()
+            if dist.rank == 0:
+                err.print(f"training on tiny Shakespeare: {file}")
+        if stop_at_step < 0:
+            raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
 
-    result = run_training(
-        file, cfg, out_dir=out_dir, resume=resume_ckpt, init_from=init_ckpt,
-        allow_other_data=allow_other_data, drop_unknown=drop_unknown,
-        stop_at_step=stop_at_step, progress=progress,
-    )
+        result = run_training(
+            file, cfg, out_dir=out_dir, resume=resume_ckpt, init_from=init_ckpt,
+            allow_other_data=allow_other_data, drop_unknown=drop_unknown,
+            stop_at_step=stop_at_step, progress=progress, dist=dist,
+        )
+    if dist.rank != 0:  # rank 0 speaks for every process
+        if result.stopped == "interrupted":
+            raise typer.Exit(EXIT_INTERRUPTED)
+        return
     _print_summary(result)
     _print_loss_curve(result.run_dir)
     if result.stopped == "interrupted":
@@ -414,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.Abort:
         sys.exit(130)
     except CharlmError as exc:
-        _error(str(exc))
+        if not getattr(exc, "quiet", False):  # another training process printed it
+            _error(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
