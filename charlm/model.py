@@ -88,3 +88,84 @@ def step_context(device: torch.device):
         yield
     finally:
         torch.backends.mkldnn.enabled = previous
+
+
+class Stepper(nn.Module):
+    """One character per call, with the same weights as a :class:`CharRNN`, written as plain
+    matrix products and pointwise ops.
+
+    Sampling runs at batch 1 and sequence length 1, where ``nn.LSTM``'s per-call overhead
+    dominates (about 7x on CPU through oneDNN, see ../shared/PERF_NOTES.md). Here the first
+    layer's input projection of every character is precomputed into a (V, G*H) table
+    (``embed @ W_ih0.T + biases``), so layer 0 costs one matrix product per step and deeper
+    layers one product over ``[x, h]`` each. Used only for inference: weights are copies.
+
+    Inputs: ids (B,) int64, state as for CharRNN. Returns: logits (B, V), new state.
+    """
+
+    def __init__(self, model: CharRNN):
+        super().__init__()
+        cfg = model.cfg
+        self.cell, self.num_layers = cfg.cell, cfg.num_layers
+        rnn = model.rnn
+        with torch.no_grad():
+            w_ih0, b_ih0, b_hh0 = rnn.weight_ih_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+            table = model.embed.weight @ w_ih0.T + b_ih0  # (V, G*H)
+            if self.cell != "gru":  # GRU keeps b_hh apart: the reset gate scales it
+                table = table + b_hh0
+            self.register_buffer("table", table.contiguous())
+            for k in range(cfg.num_layers):
+                w_hh = getattr(rnn, f"weight_hh_l{k}")
+                b_hh = getattr(rnn, f"bias_hh_l{k}")
+                if k == 0:
+                    self.register_buffer(f"w_l{k}", w_hh.T.contiguous())  # (H, G*H)
+                    bias = b_hh if self.cell == "gru" else torch.zeros_like(b_hh)
+                elif self.cell == "gru":
+                    w_ih = getattr(rnn, f"weight_ih_l{k}")
+                    self.register_buffer(f"wi_l{k}", w_ih.T.contiguous())
+                    self.register_buffer(f"bi_l{k}", getattr(rnn, f"bias_ih_l{k}").clone())
+                    self.register_buffer(f"w_l{k}", w_hh.T.contiguous())
+                    bias = b_hh
+                else:
+                    w_ih = getattr(rnn, f"weight_ih_l{k}")
+                    self.register_buffer(f"w_l{k}", torch.cat([w_ih, w_hh], 1).T.contiguous())
+                    bias = getattr(rnn, f"bias_ih_l{k}") + b_hh
+                self.register_buffer(f"b_l{k}", bias.clone())
+            self.register_buffer("w_head", model.head.weight.T.contiguous())  # (H, V)
+            self.register_buffer("b_head", model.head.bias.clone())
+
+    def forward(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        lstm = self.cell == "lstm"
+        hs, cs = (state[0], state[1]) if lstm else (state, None)
+        new_h, new_c = [], []
+        x = None
+        for k in range(self.num_layers):
+            h = hs[k]  # (B, H)
+            w, b = getattr(self, f"w_l{k}"), getattr(self, f"b_l{k}")
+            if self.cell == "gru":
+                gi = self.table[ids] if k == 0 else torch.addmm(
+                    getattr(self, f"bi_l{k}"), x, getattr(self, f"wi_l{k}"))  # (B, 3H)
+                gh = torch.addmm(b, h, w)  # (B, 3H)
+                i_r, i_z, i_n = gi.chunk(3, 1)
+                h_r, h_z, h_n = gh.chunk(3, 1)
+                r = torch.sigmoid(i_r + h_r)
+                z = torch.sigmoid(i_z + h_z)
+                n = torch.tanh(i_n + r * h_n)
+                h = torch.lerp(n, h, z)  # (1 - z) * n + z * h
+            else:
+                if k == 0:
+                    gates = torch.addmm(self.table[ids], h, w)  # (B, G*H)
+                else:
+                    gates = torch.addmm(b, torch.cat([x, h], 1), w)
+                if lstm:
+                    i, f, g, o = gates.chunk(4, 1)
+                    c = torch.sigmoid(f) * cs[k] + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    new_c.append(c)
+                else:
+                    h = torch.tanh(gates)
+            new_h.append(h)
+            x = h
+        logits = torch.addmm(self.b_head, x, self.w_head)  # (B, V)
+        h_out = torch.stack(new_h)
+        return logits, ((h_out, torch.stack(new_c)) if lstm else h_out)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from charlm.decoding import check_options, seed_ids, start_ids  # noqa: F401 - re-exported
-from charlm.model import CharRNN, step_context
+from charlm.model import CharRNN, Stepper
 from charlm.vocab import Vocab
 
 
@@ -59,17 +59,15 @@ def generate(
     g.manual_seed(random_seed if random_seed is not None else torch.seed())
     seed = start_ids(vocab, seed)
     ids = torch.tensor([seed], device=device).expand(num_samples, -1)  # (B, T_seed)
-    logits, state = model(ids)
+    logits, state = model(ids)  # the seed warms the state in one pass
     logits = logits[:, -1]  # (B, V)
-    out = torch.empty(num_samples, length, dtype=torch.long)
-    with step_context(device):
-        for t in range(length):
-            nxt = pick(logits, temperature, top_k, top_p, g)  # (B,)
-            host = nxt.cpu()
-            out[:, t] = host
-            if on_step is not None:
-                on_step(host.tolist())
-            if t + 1 < length:
-                logits, state = model(nxt[:, None], state)
-                logits = logits[:, -1]
-    return [vocab.decode(row) for row in out]
+    step = Stepper(model)
+    out = torch.empty(num_samples, length, dtype=torch.long, device=device)
+    for t in range(length):
+        nxt = pick(logits, temperature, top_k, top_p, g)  # (B,)
+        out[:, t] = nxt
+        if on_step is not None:
+            on_step(nxt.tolist())
+        if t + 1 < length:
+            logits, state = step(nxt, state)
+    return [vocab.decode(row) for row in out.cpu()]
