@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich import box
 from rich.console import Console
@@ -150,9 +149,10 @@ def train(
     _print_summary(result)
     _print_loss_curve(result.run_dir)
     if result.stopped == "interrupted":
+        launcher = "charlm" if dist.world == 1 else "torchrun [same options] -m charlm"
         err.print(
             f"interrupted at step {result.step}; saved {result.run_dir / 'last.pt'}. "
-            f"Resume with: charlm train --resume {result.run_dir}"
+            f"Resume with: {launcher} train --resume {result.run_dir}"
         )
         raise typer.Exit(EXIT_INTERRUPTED)
 
@@ -247,22 +247,33 @@ def sample(
         model, vocab = load_model(checkpoint_path, resolve_device(device))
     ids = seed_ids(vocab, seed, drop_unknown)
     stream = num_samples == 1
-    if stream:
-        sys.stdout.write(seed)
-        sys.stdout.flush()
 
     def on_step(new_ids: list[int]) -> None:
         sys.stdout.write(vocab.chars[new_ids[0]])
         sys.stdout.flush()
 
-    texts = generate(model, vocab, ids, length, temperature, top_k, top_p, num_samples,
-                     random_seed, on_step if stream else None)
-    if stream:
-        sys.stdout.write("\n")
-    else:
-        for i, text in enumerate(texts):
-            sys.stdout.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{seed}{text}\n")
-    sys.stdout.flush()
+    try:
+        if stream:
+            sys.stdout.write(seed)
+            sys.stdout.flush()
+        texts = generate(model, vocab, ids, length, temperature, top_k, top_p, num_samples,
+                         random_seed, on_step if stream else None)
+        if stream:
+            sys.stdout.write("\n")
+        else:
+            for i, text in enumerate(texts):
+                sys.stdout.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{seed}{text}\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
+
+
+def _reader_gone() -> None:
+    """stdout's reader went away (``charlm sample | head``): stop quietly with status 0.
+    stdout is pointed at /dev/null so that Python's flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise typer.Exit(0)
 
 
 # ---------------------------------------------------------------------------- eval / info
@@ -410,19 +421,59 @@ def runs(
     out.print(table)
 
 
+@app.command()
+def bench(
+    config: Annotated[Path | None, typer.Option(help="TOML config whose model and batch to measure.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any field: section.key=value.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
+    steps: Annotated[int, typer.Option(min=2, max=100_000, help="Training steps to time.")] = 30,
+    sample_length: Annotated[int, typer.Option(min=10, max=10_000_000, help="Characters per sampling run.")] = 2000,
+) -> None:
+    """Measure training and sampling speed of a config on this device."""
+    from charlm import bench as benchmark
+    from charlm.config import Config, apply_sets, load_toml, validate
+
+    cfg = load_toml(config) if config else Config()
+    apply_sets(cfg, _overrides(device=device, precision=precision) + list(set_ or []))
+    validate(cfg)
+    r = benchmark.run(cfg, steps=steps, sample_length=sample_length)
+    m = cfg.model
+    out.print(_table(f"charlm bench ({r.device}, {r.precision})", [
+        ("model", f"{m.cell} {m.hidden_size} x {m.num_layers}, embedding {m.embed_size}, "
+                  f"{r.params:,} parameters"),
+        ("batch x window", f"{cfg.train.batch_size} x {cfg.train.seq_len}"),
+        ("CPU threads", str(r.threads) if r.threads else "-"),
+        ("training", f"{r.train_chars_per_sec:,.0f} chars/s"),
+        ("sampling, 1 stream", f"{r.sample_one_chars_per_sec:,.0f} chars/s"),
+        (f"sampling, {r.sample_batch} streams", f"{r.sample_batch_chars_per_sec:,.0f} chars/s"),
+        ("matmul peak (measured)", f"{r.matmul_gflops:,.0f} GFLOP/s"),
+        ("training arithmetic", f"{r.model_gflops:,.1f} GFLOP/s = {r.peak_fraction:.0%} of peak"),
+    ]))
+
+
 # ---------------------------------------------------------------------------------- entry
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: library errors become one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="charlm", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        # Typer returns the code of an Exit (including 130 for Ctrl-C) instead of raising it.
+        code = command.main(args=argv, prog_name="charlm", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
+    except typer.Abort:
         sys.exit(130)
+    except typer.TyperException as exc:  # click's usage errors, as typer vendors them
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `charlm`: the help (rich has
+            if str(exc).strip():  # already printed it when it renders help itself)
+                err.print(str(exc), markup=False, highlight=False)
+            sys.exit(0)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _error(" ".join(message.split()) + hint)
+        sys.exit(getattr(exc, "exit_code", 2))
     except CharlmError as exc:
         if not getattr(exc, "quiet", False):  # another training process printed it
             _error(str(exc))
