@@ -149,7 +149,7 @@ def train(
     _print_summary(result)
     _print_loss_curve(result.run_dir)
     if result.stopped == "interrupted":
-        launcher = "charlm" if dist.world == 1 else "torchrun [same options] -m charlm"
+        launcher = "charlm" if dist.world == 1 else "torchrun --nproc_per_node=N -m charlm"
         err.print(
             f"interrupted at step {result.step}; saved {result.run_dir / 'last.pt'}. "
             f"Resume with: {launcher} train --resume {result.run_dir}"
