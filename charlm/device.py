@@ -47,6 +47,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        # oneDNN has no bf16 LSTM/GRU/RNN kernels without these instructions: it fails
+        # ("could not create a primitive descriptor"), and bf16 matmuls run ~300x slower.
+        raise ConfigError(
+            "precision bf16 needs a CPU with AVX512-BF16 or AMX, which this one lacks; "
+            "use --precision fp32 (or auto)"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bf16; use --precision fp16 or fp32")
     return precision
 
 
