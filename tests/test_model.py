@@ -7,6 +7,7 @@ import torch
 
 from charlm.config import ModelConfig
 from charlm.model import (
+    Stepper,
     build_model,
     detach_state,
     select_state,
@@ -64,6 +65,29 @@ def test_full_sequence_equals_step_by_step(cell, stepping):
             steps, step_state = step_by_step(model, ids)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
     assert_states_close(step_state, full_state)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_sampling_stepper_equals_full_sequence(cell, num_layers):
+    """The sampler's single-step path (plain matrix products) computes the same function."""
+    model = make(cell, num_layers=num_layers)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full, full_state = model(ids)
+        step = Stepper(model)
+        state = model.init_state(B)
+        outputs = []
+        for t in range(T):
+            logits, state = step(ids[:, t], state)  # (B, V)
+            outputs.append(logits)
+    torch.testing.assert_close(torch.stack(outputs, 1), full, atol=1e-5, rtol=1e-4)
+    assert_states_close(state, full_state)
+    # It carries on from a state the full model produced (the warmed-up seed).
+    with torch.no_grad():
+        _, warm = model(ids[:, :4])
+        logits, _ = step(ids[:, 4], warm)
+    torch.testing.assert_close(logits, full[:, 4], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("cell", CELLS)
