@@ -364,7 +364,7 @@ def download(
 # ---------------------------------------------------------------------------- plot / runs
 @app.command()
 def plot(
-    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories to compare.")],
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Run directories to compare.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG file (default: RUN_DIR/loss.png, or loss.png for several runs).")] = None,
     width: Annotated[int, typer.Option(help="Image width in pixels.")] = 1200,
     height: Annotated[int, typer.Option(help="Image height in pixels.")] = 480,
