@@ -14,6 +14,7 @@ import sys
 import tomllib
 
 import pytest
+import torch
 from conftest import TINY_CONFIG, assert_clean_error, run_charlm
 
 from charlm import checkpoint
@@ -160,3 +161,21 @@ def test_unknown_seed_characters(tiny_run, capsys):
     text = generate(checkpoint.model_of(ckpt), vocab, kept, 5, temperature=0.8,
                     random_seed=1)[0]
     assert capsys.readouterr().out == "Zebra 42" + text + "\n"
+
+
+def test_train_encoding_option(tmp_path, capsys):
+    """``--encoding`` reaches the reader (in process: the same code as the console script)."""
+    path = tmp_path / "latin.txt"
+    path.write_bytes(("Café crème, naïve façade.\n" * 40).encode("latin-1"))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["train", str(path), "--config", str(TINY_CONFIG), "--encoding", "latin-1",
+                  "--max-steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run"),
+                  "--no-progress", "--no-samples", "--set", "train.threads=1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert info.value.code in (0, None), capsys.readouterr().err
+    ckpt = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert {"é", "è", "ï", "ç"} <= set(ckpt["vocab"])
+    assert checkpoint.config_of(ckpt).data.encoding == "latin-1"
