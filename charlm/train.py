@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,9 @@ class StopSignals:
         self.signum = signum
         if not self.announce:
             return
-        try:
-            tqdm.write("stopping after this step and saving last.pt (press Ctrl-C again to quit now)")
+        try:  # stderr, with the progress bar and the final "Resume with" line
+            tqdm.write("stopping after this step and saving last.pt (press Ctrl-C again to "
+                       "quit now)", file=sys.stderr)
         except (RuntimeError, OSError):  # the handler interrupted a write to the same stream
             pass
 
