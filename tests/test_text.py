@@ -32,7 +32,9 @@ def test_chunked_decoding_equals_whole_decoding(text, chunk_bytes, bom):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "t.txt"
         path.write_bytes(("\ufeff" if bom else "").encode() + text.encode("utf-8"))
-        assert read(path, chunk_bytes=chunk_bytes) == text
+        # Only the first U+FEFF of a file is a byte-order mark.
+        expected = text if bom else text.removeprefix("\ufeff")
+        assert read(path, chunk_bytes=chunk_bytes) == expected
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 1 << 20])
