@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from charlm.errors import DataError
@@ -28,6 +28,8 @@ def write(tmp_path: Path, data: bytes, name: str = "input.txt") -> Path:
 @given(st.text(st.characters(exclude_categories=("Cs",)).filter(lambda c: c != "\0"),
                max_size=80),
        st.integers(1, 9), st.booleans())
+@example("\ufeffx\ufeff", 1, False)
+@example("\ufeffx", 2, True)
 def test_chunked_decoding_equals_whole_decoding(text, chunk_bytes, bom):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "t.txt"
