@@ -225,7 +225,7 @@ def sample(
     """Generate text from a seed string."""
     from charlm.decoding import check_options, seed_ids
 
-    check_options(length, temperature, top_k, top_p, num_samples)
+    check_options(length, temperature, top_k, top_p, num_samples, random_seed)
     if checkpoint_path is None:
         from charlm.runs import latest_checkpoint
 

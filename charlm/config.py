@@ -167,7 +167,7 @@ def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Non
                     f"{source}: unknown key {name}.{key}; valid keys in [{name}]: "
                     + ", ".join(types)
                 )
-            setattr(sections[name], key, _coerce(f"{name}.{key}", value, types[key]))
+            setattr(sections[name], key, _coerce(f"{source}: {name}.{key}", value, types[key]))
 
 
 def parse_value(text: str, kind: type) -> Any:
@@ -226,6 +226,11 @@ def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
     return cfg
 
 
+def _number(x: float) -> str:
+    """A range bound as the user would type it: 1048576, not 1.04858e+06."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def validate(cfg: Config) -> Config:
     """Check every field's range and choices; raise ConfigError naming the first bad one."""
     for name, section in _sections(cfg).items():
@@ -241,8 +246,8 @@ def validate(cfg: Config) -> Config:
                 bad_low = low is not None and (value < low if low_inclusive else value <= low)
                 bad_high = high is not None and value > high
                 if bad_low or bad_high:
-                    lo = "-inf" if low is None else f"{low:g}"
-                    hi = "inf" if high is None else f"{high:g}"
+                    lo = "-inf" if low is None else _number(low)
+                    hi = "inf" if high is None else _number(high)
                     bracket = "[" if low_inclusive else "("
                     raise ConfigError(f"{key} must be in {bracket}{lo}, {hi}]; got {value!r}")
     if cfg.model.dropout >= 1.0:

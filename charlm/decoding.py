@@ -30,9 +30,14 @@ def start_ids(vocab: Vocab, seed: list[int]) -> list[int]:
     return [vocab.chars.index("\n") if "\n" in vocab.chars else 0]
 
 
-def check_options(length: int, temperature: float, top_k: int, top_p: float, num_samples: int):
-    if length < 0:
-        raise CharlmError(f"--length must be >= 0; got {length}")
+# Generated ids are held in memory until the end: bound the total number of characters.
+MAX_CHARS = 100_000_000
+
+
+def check_options(length: int, temperature: float, top_k: int, top_p: float, num_samples: int,
+                  random_seed: int | None = None):
+    if not 0 <= length <= MAX_CHARS:
+        raise CharlmError(f"--length must be in [0, {MAX_CHARS}]; got {length}")
     if not 0.0 <= temperature <= 100.0:
         raise CharlmError(f"--temperature must be in [0, 100]; got {temperature}")
     if top_k < 0:
@@ -41,3 +46,10 @@ def check_options(length: int, temperature: float, top_k: int, top_p: float, num
         raise CharlmError(f"--top-p must be in (0, 1]; got {top_p}")
     if not 1 <= num_samples <= 65536:
         raise CharlmError(f"--num-samples must be in [1, 65536]; got {num_samples}")
+    if length * num_samples > MAX_CHARS:
+        raise CharlmError(
+            f"--num-samples x --length is {num_samples * length:,} characters, more than "
+            f"{MAX_CHARS:,}; generate fewer or shorter samples"
+        )
+    if random_seed is not None and not 0 <= random_seed < 2**63:
+        raise CharlmError(f"--random-seed must be in [0, 2**63 - 1]; got {random_seed}")

@@ -16,6 +16,9 @@ from charlm.errors import DataError
 
 CHUNK_BYTES = 16 << 20
 BOM = "\ufeff"
+# A file where more than this share of the characters cannot be decoded is binary data, not
+# text with a few bad bytes: it is refused even with errors="replace".
+BINARY_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def iter_text(
     handler = "replace" if errors == "replace" else "strict"
     for path in source.paths:
         decoder = codecs.getincrementaldecoder(encoding)(handler)
-        offset = 0
+        offset = chars = replaced = 0
         first = True
         try:
             f = open(path, "rb")
@@ -89,20 +92,25 @@ def iter_text(
                 if b"\x00" in block and "16" not in encoding and "32" not in encoding:
                     at = offset + block.index(b"\x00")
                     raise DataError(
-                        f"{path} looks like binary data (NUL byte at offset {at}); "
-                        "charlm trains on text files"
+                        f"{path} looks like binary data (NUL byte at offset {at}); charlm "
+                        "trains on text files (for UTF-16 text pass --encoding utf-16)"
                     )
                 pending = len(decoder.getstate()[0])
                 try:
                     text = decoder.decode(block, final)
                 except UnicodeDecodeError as exc:
                     at = offset - pending + exc.start
+                    _refuse_binary(path, encoding, _replaced_share(path, encoding, chunk_bytes))
                     raise DataError(
                         f"{path} is not valid {encoding}: byte 0x{exc.object[exc.start]:02x} "
                         f"at offset {at}; use --encoding, or --set data.errors=replace "
                         "to replace bad bytes"
                     ) from None
                 offset += len(block)
+                chars += len(text)
+                replaced += text.count("\ufffd")
+                if final and handler == "replace":
+                    _refuse_binary(path, encoding, replaced / max(chars, 1))
                 if first and text:
                     text = text.removeprefix(BOM)
                     first = False
@@ -110,3 +118,25 @@ def iter_text(
                     yield text
                 if final:
                     break
+
+
+def _replaced_share(path: Path, encoding: str, chunk_bytes: int) -> float:
+    """The share of the characters of ``path`` that cannot be decoded."""
+    decoder = codecs.getincrementaldecoder(encoding)("replace")
+    chars = replaced = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            text = decoder.decode(block, not block)
+            chars += len(text)
+            replaced += text.count("\ufffd")
+            if not block:
+                return replaced / max(chars, 1)
+
+
+def _refuse_binary(path: Path, encoding: str, share: float) -> None:
+    if share > BINARY_SHARE:
+        raise DataError(
+            f"{path} looks like binary data ({share:.0%} of it is not valid {encoding}); "
+            "charlm trains on text files (if it is text in another encoding, pass --encoding)"
+        )

@@ -29,6 +29,9 @@ from charlm.runs import MetricsLog, RunLock, new_run_dir, open_run_dir
 from charlm.sample import generate
 
 EXIT_INTERRUPTED = 130
+# With train.on_nan = "skip", this many non-finite steps in a row end training anyway: the
+# run has diverged and skipping only burns time.
+MAX_SKIPS_IN_ROW = 20
 
 
 @dataclass
@@ -197,6 +200,22 @@ def train(
         notes.append("the text has Windows (CRLF) line endings; they are kept as characters")
     vocab = corpus.vocab
     train_np, val_np = split(corpus.ids, cfg.data.val_fraction)
+    need = tc.batch_size * dist.world * tc.seq_len + 1
+    if len(train_np) < need:
+        # The smallest text whose training split (the cut of data.split) holds ``need``.
+        keep = 1.0 - cfg.data.val_fraction
+        text_need = math.ceil(need / keep)
+        while int(text_need * keep) < need:
+            text_need += 1
+        while int((text_need - 1) * keep) >= need:
+            text_need -= 1
+        per = f" x {dist.world} processes" if dist.world > 1 else ""
+        raise DataError(
+            f"{corpus.source.name} is too short: {len(train_np):,} training characters, but "
+            f"--batch-size {tc.batch_size}{per} x --seq-len {tc.seq_len} needs at least "
+            f"{need:,}; lower --batch-size or --seq-len, or use at least {text_need:,} "
+            "characters of text"
+        )
     if len(val_np) < 2:
         raise DataError(
             f"validation split has {len(val_np)} characters; raise data.val_fraction "
@@ -312,10 +331,14 @@ def train(
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t_start
 
-    def evaluate_and_save() -> None:
+    def evaluate_and_save() -> bool:
+        """Evaluate and write the checkpoints; False (nothing written) when the validation
+        loss is not finite, so diverged weights never replace the last good checkpoint."""
         nonlocal last_val, best_val, evals_since_best, saved_step
         last_val = mean_loss(model, val_ids, tc.eval_streams, tc.eval_seq_len, amp,
                              dist.rank, dist.world, dist.all_reduce_sum)
+        if not math.isfinite(last_val):
+            return False
         improved = last_val < best_val
         if improved:
             best_val, evals_since_best = last_val, 0
@@ -330,6 +353,7 @@ def train(
             bar.set_postfix(loss=f"{last_train:.3f}", val=f"{last_val:.3f}")
         _save_eval_checkpoints(snapshot(), run_dir, improved, step, tc.keep_last, main)
         saved_step = step
+        return True
 
     signals = StopSignals(announce=main)
     bar = tqdm(
@@ -338,6 +362,7 @@ def train(
     )
     last_train, last_val = math.nan, math.nan
     stopped = ""
+    nan_step, skipped, skips_in_row = 0, 0, 0
     saved_step = step if resume is not None else -1
     # With sample_every not a multiple of eval_every, sample at the first evaluation past
     # each multiple of it (a plain step % sample_every test would wait for their LCM).
@@ -376,17 +401,23 @@ def train(
                 model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
             )
             check_now = device.type == "cpu" or tc.on_nan == "skip" or (step + 1) % tc.log_every == 0
-            if check_now and not dist.all_finite(loss.detach()):
-                if tc.on_nan == "skip":
+            # Both are >= 0, so the sum is finite exactly when both are. Under fp16 the scaler
+            # itself skips steps with inf gradients, so only the loss is watched there.
+            watched = loss.detach() if scaler.is_enabled() else loss.detach() + grad_norm.detach()
+            if check_now and not dist.all_finite(watched):
+                skips_in_row += 1
+                if (tc.on_nan == "skip" and skips_in_row <= MAX_SKIPS_IN_ROW
+                        and _weights_finite(model)):
                     optimizer.zero_grad(set_to_none=True)
-                    state = detach_state(new_state)
-                    notes.append(f"skipped a non-finite loss at step {step + 1}")
+                    state = None  # the new state may hold NaN: restart the streams from zero
+                    skipped += 1
                     if main:
-                        tqdm.write(notes[-1])
+                        tqdm.write(f"skipped a non-finite loss at step {step + 1}", file=sys.stderr)
                     step += 1
                     continue
-                stopped = "nan"
+                stopped, nan_step = "nan", step + 1
                 break
+            skips_in_row = 0
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -415,7 +446,9 @@ def train(
                                     cps=f"{rate:,.0f}")
 
             if step % tc.eval_every == 0:
-                evaluate_and_save()
+                if not evaluate_and_save():
+                    stopped, nan_step = "nan", step
+                    break
                 due = not tc.sample_every or step // tc.sample_every > sampled_at // tc.sample_every
                 if main and tc.sample_chars and due:
                     sampled_at = step
@@ -433,23 +466,28 @@ def train(
         bar.close()
         signals.restore()
 
+    if skipped:
+        notes.append(f"skipped {skipped:,} step(s) with a non-finite loss (train.on_nan=skip)")
+    if saved_step != step and stopped != "nan":
+        if stopped in ("interrupted", "stop_at_step") and _weights_finite(model):
+            ckpt = snapshot()
+            if main:
+                checkpoint.save(run_dir / "last.pt", ckpt)
+        elif stopped in ("interrupted", "stop_at_step") or not evaluate_and_save():
+            # so last.pt and best.pt reflect the end of training, unless it diverged
+            stopped, nan_step = "nan", step
     if stopped == "nan":
         if main:
             metrics.close()
             lock.release()
-        kept = (f"keeping the last good checkpoint in {run_dir}"
+        kept = (f"kept the last good checkpoint, {run_dir / 'last.pt'}"
                 if (run_dir / "last.pt").exists() else "no checkpoint had been written yet")
+        hint = ("; skipping cannot help once the weights have diverged" if tc.on_nan == "skip"
+                else ", or --set train.on_nan=skip to skip such steps")
         raise CharlmError(
-            f"loss became NaN or infinite at step {step + 1}; stopped, {kept}; try a lower "
-            "--lr or stronger clipping (--set train.grad_clip=0.5), or --set train.on_nan=skip"
+            f"loss became NaN or infinite at step {nan_step}; stopped and {kept}; try a lower "
+            f"--lr or stronger clipping (--set train.grad_clip=0.5){hint}"
         )
-    if saved_step != step:
-        if stopped in ("interrupted", "stop_at_step"):
-            ckpt = snapshot()
-            if main:
-                checkpoint.save(run_dir / "last.pt", ckpt)
-        else:
-            evaluate_and_save()  # so last.pt and best.pt reflect the end of training
     total = elapsed()
     if main:
         metrics.close()
@@ -462,6 +500,10 @@ def train(
         best_val_loss=best_val, num_parameters=model.num_parameters(), vocab_size=len(vocab),
         device=str(device), precision=precision, notes=notes,
     )
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _save_eval_checkpoints(ckpt, run_dir: Path, improved: bool, step: int, keep_last: int,
