@@ -101,9 +101,9 @@ def _verify_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes is damage
-        raise CheckpointError(
-            f"{path} is damaged and cannot be read ({_detail(exc)})"
-        ) from None
+        # A seek to a bogus offset fails with EINVAL, which names nothing useful.
+        why = "its index points outside the file" if isinstance(exc, OSError) else _detail(exc)
+        raise CheckpointError(f"{path} is damaged and cannot be read ({why})") from None
     if bad is not None:
         raise CheckpointError(f"{path} is corrupted: its part {bad!r} fails its checksum")
 
@@ -119,7 +119,8 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
-    if zipfile.is_zipfile(path):
+    archive = zipfile.is_zipfile(path)
+    if archive:
         _verify_archive(path)
     try:
         with warnings.catch_warnings():
@@ -139,8 +140,11 @@ def load(path: str | Path) -> dict[str, Any]:
             "and values); nothing in it was run"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes is damage
+        # torch.save writes a zip archive whose directory comes last: without one, the file
+        # was cut short or never was a checkpoint, and torch's own error says nothing useful.
+        why = _detail(exc) if archive else "it is not a complete checkpoint archive"
         raise CheckpointError(
-            f"{path} is damaged or truncated and cannot be read ({_detail(exc)})"
+            f"{path} is damaged or truncated and cannot be read ({why})"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a charlm checkpoint")

@@ -152,7 +152,8 @@ def train(
         launcher = "charlm" if dist.world == 1 else "torchrun --nproc_per_node=N -m charlm"
         err.print(
             f"interrupted at step {result.step}; saved {result.run_dir / 'last.pt'}. "
-            f"Resume with: {launcher} train --resume {result.run_dir}"
+            f"Resume with: {launcher} train --resume {result.run_dir}",
+            soft_wrap=True,  # one line, so the command can be copied whole
         )
         raise typer.Exit(EXIT_INTERRUPTED)
 

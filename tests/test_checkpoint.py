@@ -236,6 +236,38 @@ def test_bad_checkpoint_is_one_clear_error(tmp_path, tiny_run, kind):
     assert "internal error" not in proc.stderr
 
 
+def test_damaged_files_are_refused_or_load_unchanged(tmp_path, tiny_run):
+    """Random cuts, flipped bytes, deleted runs and noise: every outcome is a CheckpointError
+    or the original weights, never another exception and never silently damaged weights."""
+    good = (tiny_run / "last.pt").read_bytes()
+    original = checkpoint.load(tiny_run / "last.pt")["model"]
+    rng = random.Random(1)
+    path = tmp_path / "damaged.pt"
+    outcomes = {"refused": 0, "intact": 0}
+    for i in range(160):
+        raw = bytearray(good)
+        if i % 4 == 0:
+            raw = raw[: rng.randrange(len(raw))]
+        elif i % 4 == 1:
+            for _ in range(rng.randint(1, 8)):
+                raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        elif i % 4 == 2:
+            at = rng.randrange(len(raw))
+            del raw[at : at + rng.randint(1, 300)]
+        else:
+            raw = bytearray(rng.randbytes(rng.randint(1, 5000)))
+        path.write_bytes(bytes(raw))
+        try:
+            loaded = checkpoint.load(path)["model"]
+        except CheckpointError as exc:
+            assert "\n" not in str(exc)
+            outcomes["refused"] += 1
+            continue
+        assert all(torch.equal(loaded[k], original[k]) for k in original), i
+        outcomes["intact"] += 1
+    assert outcomes["refused"] > 100, outcomes
+
+
 def test_bad_checkpoint_errors_from_the_real_command(tmp_path, tiny_run, text_file):
     truncated, _ = _bad_file(tmp_path, tiny_run / "last.pt", "truncated")
     proc = run_charlm("train", text_file, "--resume", truncated, "--no-progress")

@@ -221,7 +221,9 @@ def test_signal_saves_last_checkpoint_and_says_how_to_resume(tmp_path, sig):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stdout + stderr
-    assert f"Resume with: charlm train --resume {run}" in " ".join(stderr.split())
+    # On one line, so it can be copied whole.
+    assert any(line.endswith(f"Resume with: charlm train --resume {run}")
+               for line in stderr.splitlines()), stderr
     ckpt = checkpoint.load(run / "last.pt")
     step = ckpt["train_state"]["step"]
     assert step >= 3 and step == max(r["step"] for r in read_metrics(run / "metrics.jsonl"))
