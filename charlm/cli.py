@@ -111,7 +111,14 @@ def train(
             cfg = checkpoint.config_of(resume_ckpt)
             out_dir = out_dir or ckpt_path.parent
             if file is None:
-                file = Path(resume_ckpt["train_file"]["path"])
+                source = resume_ckpt.get("train_file")
+                recorded = source.get("path") if isinstance(source, dict) else None
+                if not recorded or not Path(recorded).exists():
+                    raise CharlmError(
+                        f"the run's training file {recorded or '(not recorded)'} is not there; "
+                        f"name it: charlm train FILE --resume {resume}"
+                    )
+                file = Path(recorded)
         else:
             cfg = Config()
             if init_from is not None:

@@ -314,6 +314,11 @@ def test_other_bad_resumes_are_one_line_errors(paused_run, tmp_path, text_file):
     del weights["train_state"]
     checkpoint.save(tmp_path / "weights.pt", weights)
     assert_clean_error(run_cli("train", "--resume", tmp_path / "weights.pt"), "no training state")
+    moved = checkpoint.load(paused_run / "last.pt")
+    moved["train_file"]["path"] = str(tmp_path / "gone.txt")
+    checkpoint.save(tmp_path / "moved.pt", moved)
+    assert_clean_error(run_cli("train", "--resume", tmp_path / "moved.pt"), "gone.txt is not there",
+                       f"charlm train FILE --resume {tmp_path / 'moved.pt'}")
     broken = checkpoint.load(paused_run / "last.pt")
     broken["optimizer"] = {"state": {}, "param_groups": []}
     checkpoint.save(tmp_path / "broken.pt", broken)
