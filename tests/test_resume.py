@@ -253,7 +253,7 @@ def test_second_sigint_quits_at_once_and_leaves_loadable_checkpoints(tmp_path):
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 10
     assert proc.returncode == 130
     assert "Traceback" not in stdout + stderr
     assert "Resume with" not in stderr  # it did not wait to finish the step and save
