@@ -45,9 +45,11 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
+        os_error = _os_error(exc)
+        if os_error is not None:
             raise CharlmError(
-                f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged"
+                f"could not write {path}: {os_error.strerror or os_error}; the previous file "
+                "is unchanged"
             ) from None
         raise
     try:  # make the rename itself durable
@@ -58,6 +60,17 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             os.close(fd)
     except OSError:
         pass
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``, if any. On a full disk torch.save's cleanup raises a
+    RuntimeError ("unexpected pos") while the write's OSError is being handled."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

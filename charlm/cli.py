@@ -102,6 +102,13 @@ def train(
     with from_env(dist_timeout) as dist:
         if resume and init_from:
             raise CharlmError("--resume and --init-from cannot be used together")
+        if allow_other_data and not resume:
+            raise CharlmError("--allow-other-data only applies with --resume")
+        if drop_unknown and not (resume or init_from):
+            raise CharlmError("--drop-unknown only applies with --resume or --init-from "
+                              "(a new run's vocabulary is built from its text)")
+        if no_samples and sample_every:
+            raise CharlmError("--no-samples and --sample-every cannot be used together")
         resume_ckpt = init_ckpt = None
         if resume is not None:
             ckpt_path = resume / "last.pt" if resume.is_dir() else resume
