@@ -348,7 +348,7 @@ def export(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .pt checkpoint (or a .safetensors export).")],
     format_: Annotated[str, typer.Option("--format", "-f", help="safetensors or onnx.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (default: CHECKPOINT with the suffix of the format).")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Export a checkpoint as safetensors or ONNX, verified against PyTorch."""
     from charlm.export import TOLERANCE, export_checkpoint
