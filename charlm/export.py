@@ -83,7 +83,7 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise CheckpointError(f"{path} is damaged or not a safetensors file ({first})") from None

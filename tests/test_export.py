@@ -142,7 +142,32 @@ def test_safetensors_schema(exported):
     assert json.loads(meta["config"])["model"] == ckpt["config"]["model"]
 
 
-def test_eval_reads_safetensors(exported, text_file):
+def test_safetensors_rebuilds_with_plain_torch(exported):
+    """The README schema is enough: nn.Embedding -> nn.RNN/LSTM/GRU -> nn.Linear, built from
+    the metadata alone, with the tensors loaded by name, gives charlm's logits."""
+    from safetensors import safe_open
+
+    with safe_open(str(exported["safetensors"]), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    m = json.loads(meta["config"])["model"]
+    V = len(json.loads(meta["vocab"]))
+    cell = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[m["cell"]]
+    embed = torch.nn.Embedding(V, m["embed_size"])
+    rnn = cell(m["embed_size"], m["hidden_size"], m["num_layers"], batch_first=True)
+    head = torch.nn.Linear(m["hidden_size"], V)
+    for prefix, module in (("embed.", embed), ("rnn.", rnn), ("head.", head)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    model, vocab = checkpoint.load_model(exported["pt"])
+    ids = torch.from_numpy(vocab.encode(SAMPLE_TEXT[:50]).astype(np.int64))[None]  # (1, T)
+    with torch.no_grad():
+        want, _ = model(ids)
+        got = head(rnn(embed(ids))[0])  # (1, T, V)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_eval_reads_safetensors(exported, tmp_path):
+    text_file = tmp_path / "short.txt"
+    text_file.write_text(SAMPLE_TEXT[:600], encoding="utf-8")
     from_pt = evaluate_file(exported["pt"], text_file, device="cpu")
     from_st = evaluate_file(exported["safetensors"], text_file, device="cpu")
     assert from_st.loss == pytest.approx(from_pt.loss, abs=1e-6)
