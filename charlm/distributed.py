@@ -13,13 +13,15 @@ Errors are reported once, and no process is left waiting:
   (:class:`AlreadyReported`). So "too many processes for this text" is one line, not N.
 * After that, the training loop only stops on conditions all ranks decide together (a
   non-finite loss, a limit, a signal), so rank 0 reports those errors for everybody.
-* A rank that dies closes its connections, and the others fail in their next collective at
-  once; a rank that stalls makes them fail after ``timeout`` seconds (gloo raises; NCCL's
-  watchdog ends the process). Either way they exit with an error, never hang.
+* A rank that dies closes its connections: with gloo the others fail in their next
+  collective at once. A rank that stalls (or dies, with NCCL) makes them fail after
+  ``timeout`` seconds (gloo raises; NCCL's watchdog ends the process). On one machine
+  torchrun itself also stops every worker as soon as one fails. Nobody hangs.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import re
@@ -254,9 +256,16 @@ class DDPDist(Dist):
 
     # ------------------------------------------------------------------------- ending
     def close(self) -> None:
-        if not self._closed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        """Leave together: wait until every rank is done (rank 0 writes the last files
+        meanwhile), drop lingering references to the group (a DDP wrapper), then destroy
+        it while the interpreter is fully alive; a group left to interpreter shutdown can
+        abort the process."""
+        if self._closed or not torch.distributed.is_initialized():
+            return
         self._closed = True
+        self.any(False)  # a barrier on the CPU group
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
     def _lost_contact(self, exc: BaseException) -> bool:
         return isinstance(exc, RuntimeError) and bool(_LOST.search(str(exc)))
@@ -268,7 +277,7 @@ class DDPDist(Dist):
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: just go
             return False
         if isinstance(exc, AlreadyReported):
-            raise exc
+            return False
         if not self._synced and not self._lost_contact(exc):
             self._agree_on_setup_error(exc)
         prefix = "" if self.rank == 0 else f"process {self.rank}: "
@@ -305,6 +314,8 @@ class DDPDist(Dist):
 def from_env(timeout: float | None = None) -> Dist:
     """A :class:`DDPDist` when launched by torchrun with several processes, else a
     plain :class:`Dist`. ``timeout`` (seconds) bounds every wait for another process."""
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"--dist-timeout must be > 0 seconds; got {timeout:g}")
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     if not all(name in os.environ for name in names):
         return Dist()
@@ -317,8 +328,6 @@ def from_env(timeout: float | None = None) -> Dist:
         ) from None
     if world <= 1:
         return Dist()
-    if timeout is not None and timeout <= 0:
-        raise ConfigError(f"--dist-timeout must be > 0 seconds; got {timeout:g}")
     return DDPDist(rank, world, local_rank, local_world, timeout or DEFAULT_TIMEOUT)
 
 

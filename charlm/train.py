@@ -213,8 +213,8 @@ def train(
         raise DataError(
             f"{corpus.source.name} is too short: {len(train_np):,} training characters, but "
             f"--batch-size {tc.batch_size}{per} x --seq-len {tc.seq_len} needs at least "
-            f"{need:,}; lower --batch-size or --seq-len, or use at least {text_need:,} "
-            "characters of text"
+            f"{need:,}; {'use fewer processes, ' if dist.world > 1 else ''}lower --batch-size "
+            f"or --seq-len, or use at least {text_need:,} characters of text"
         )
     if len(val_np) < 2:
         raise DataError(

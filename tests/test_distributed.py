@@ -32,6 +32,7 @@ from charlm.cli import main as cli_main
 from charlm.config import load_toml
 from charlm.data import as_tensor, split
 from charlm.distributed import Dist, DistributedError, from_env, restack_rows, weights_digest
+from charlm.errors import ConfigError
 from charlm.evaluate import mean_loss
 from charlm.train import train
 
@@ -200,7 +201,8 @@ def test_too_many_processes_is_one_error_and_all_exit(tmp_path):
         assert p.returncode != 0 and "Traceback" not in stderr, stderr
     rank0, rank1 = (stderr for _, stderr in outs)
     assert len(error_lines(rank0)) == 1, rank0
-    assert "2 processes x batch size 8 x sequence length 16 need at least 257" in rank0
+    assert "--batch-size 8 x 2 processes x --seq-len 16 needs at least 257" in rank0
+    assert "use fewer processes" in rank0
     assert error_lines(rank1) == [], rank1
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -259,4 +261,6 @@ def test_plain_process_is_a_world_of_one(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(DistributedError, match="must be integers"):
         from_env()
+    with pytest.raises(ConfigError, match="dist-timeout"):
+        from_env(timeout=0)
 
