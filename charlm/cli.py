@@ -27,6 +27,8 @@ err = Console(stderr=True, highlight=False)
 
 
 def _error(message: str) -> None:
+    # One line whatever the message quotes (a file name or --set value with a newline in it).
+    message = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
     err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
 
 

@@ -282,6 +282,10 @@ def test_config_errors_name_every_valid_key():
 
 def test_usage_errors_are_one_line(tmp_path):
     clean_error(run_cli("frobnicate"), "No such command")
+    # A value or file name with a newline in it still gives one line, the newline escaped.
+    clean_error(run_cli("train", tmp_path / "a\nb.txt", "--no-progress"), "a\\nb.txt")
+    clean_error(run_cli("train", "--set", "model.hidden_size=1\n2", "--no-progress"),
+                "model.hidden_size must be int", "1\\n2")
     proc = run_cli()  # bare `charlm`: the help, not an error
     assert proc.returncode == 0 and "error" not in proc.stderr.lower()
 
