@@ -282,10 +282,11 @@ class DDPDist(Dist):
             self._agree_on_setup_error(exc)
         prefix = "" if self.rank == 0 else f"process {self.rank}: "
         if self._lost_contact(exc):
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(exc))[:120]  # no C++ file:line
             raise DistributedError(
-                f"{prefix}lost contact with the other training processes; one of them died "
-                f"or stalled for over {self.timeout:g} s (see its own output; "
-                f"{_first_line(exc)[:160]}). The last saved checkpoint is intact"
+                f"{prefix}lost contact with the other training processes: one of them died, or "
+                f"stalled for more than {self.timeout:g} s (--dist-timeout); see its own output "
+                f"({detail}). The last saved checkpoint is intact"
             ) from None
         if isinstance(exc, CharlmError) and self.rank != 0:
             # Raised after setup, so decided by all ranks together: rank 0 reports it.
