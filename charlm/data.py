@@ -115,18 +115,32 @@ def load_corpus(
         return Corpus(ids, vocab, source, meta["unknown"], crlf)
 
     dtype = id_dtype(len(vocab))
+    tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
     if use_cache:
         try:
             bin_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
-            out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
+            with open(tmp, "wb") as f:
+                # Reserve the blocks: on a full disk this fails here, and the ids are kept in
+                # memory, instead of SIGBUS when a page of a sparse memory map is written.
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(f.fileno(), 0, max(total, 1) * dtype.itemsize)
+                else:
+                    f.truncate(max(total, 1) * dtype.itemsize)
+            out = np.memmap(tmp, dtype=dtype, mode="r+", shape=(max(total, 1),))
         except OSError:
+            tmp.unlink(missing_ok=True)
             use_cache = False
     if not use_cache:
         out = np.empty(total, dtype=dtype)
-    n, unknown = _encode_to(out, source, vocab, encoding, errors, drop_unknown)
-    if n == 0:
-        raise DataError(f"{source.name} has no characters in the vocabulary")
+    try:
+        n, unknown = _encode_to(out, source, vocab, encoding, errors, drop_unknown)
+        if n == 0:
+            raise DataError(f"{source.name} has no characters in the vocabulary")
+    except BaseException:
+        if use_cache:
+            del out
+            tmp.unlink(missing_ok=True)
+        raise
     if not use_cache:
         return Corpus(out[:n], vocab, source, unknown, crlf)
     out.flush()
@@ -135,8 +149,11 @@ def load_corpus(
     os.replace(tmp, bin_path)
     meta = {"dtype": dtype.name, "length": n, "unknown": unknown, "source": source.describe()}
     meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    meta_tmp.write_text(json.dumps(meta))
-    os.replace(meta_tmp, meta_path)
+    try:
+        meta_tmp.write_text(json.dumps(meta))
+        os.replace(meta_tmp, meta_path)
+    except OSError:  # no room for 100 bytes: the ids are fine, only encoded again next time
+        meta_tmp.unlink(missing_ok=True)
     ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
     return Corpus(ids, vocab, source, unknown, crlf)
 

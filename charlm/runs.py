@@ -99,8 +99,14 @@ class MetricsLog:
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise CharlmError(
+                f"could not write {self.path}: {exc.strerror or exc}; the checkpoints saved "
+                "so far are intact"
+            ) from None
 
     def close(self) -> None:
         self.file.close()

@@ -355,6 +355,41 @@ def test_full_disk_during_checkpoint_write_keeps_the_previous_one(tiny_run, tmp_
     assert checkpoint.load(run / "last.pt")["train_state"]["step"] == 41
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate here")
+def test_full_disk_for_the_ids_cache_falls_back_to_memory(text_file, monkeypatch):
+    # A memory map of a sparse file dies with SIGBUS when the disk is full; the blocks are
+    # reserved first, and when that fails the ids are kept in memory instead.
+    import charlm.data
+
+    expected = load_corpus(text_file, use_cache=False).ids
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(charlm.data.os, "posix_fallocate", full)
+    corpus = load_corpus(text_file)
+    assert not isinstance(corpus.ids, np.memmap) and np.array_equal(corpus.ids, expected)
+    assert not list((charlm.data.cache_dir() / "ids").iterdir())
+
+
+def test_failed_encoding_leaves_no_temporary_cache_file(text_file):
+    import charlm.data
+    from charlm.vocab import Vocab
+
+    with pytest.raises(CharlmError, match="outside the vocabulary"):
+        load_corpus(text_file, vocab=Vocab(tuple("First")))
+    assert not list((charlm.data.cache_dir() / "ids").iterdir())
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_full_disk_while_logging_metrics_is_one_line():
+    from charlm.runs import MetricsLog
+
+    log = MetricsLog(Path("/dev/full"))  # every write fails with ENOSPC
+    with pytest.raises(CharlmError, match="could not write /dev/full: No space left"):
+        log.write({"step": 1})
+
+
 def test_second_training_on_the_same_run_directory_is_refused(text_file, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen(
