@@ -167,10 +167,21 @@ def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]
 
 def as_tensor(ids: np.ndarray, device: torch.device) -> torch.Tensor:
     """The ids as a tensor on ``device``. On CPU a memory map stays a (shared) memory map."""
-    if isinstance(ids, np.memmap) and device.type == "cpu":
+    if isinstance(ids, np.memmap) and device.type == "cpu" and ids.flags.c_contiguous:
         # Copy-on-write map: torch needs a writable buffer; pages stay shared with the cache.
-        ids = np.memmap(ids.filename, dtype=ids.dtype, mode="c", shape=ids.shape, offset=ids.offset)
-    t = torch.from_numpy(np.asarray(ids))
+        # A slice of a memmap inherits its parent's ``offset``, so the slice's own start is
+        # found from its address within the outermost mapped array.
+        root = ids
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        start = (ids.ctypes.data - root.ctypes.data) // ids.itemsize
+        whole = np.memmap(ids.filename, dtype=ids.dtype, mode="c", shape=root.shape,
+                          offset=root.offset)
+        ids = whole[start:start + len(ids)]
+    ids = np.asarray(ids)
+    if not ids.flags.writeable:
+        ids = ids.copy()  # torch wants a writable buffer
+    t = torch.from_numpy(ids)
     if device.type != "cpu" and t.dtype != torch.uint8:
         t = t.to(torch.int32)  # wide unsigned dtypes have few kernels off the CPU
     return t.to(device)

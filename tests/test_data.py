@@ -197,6 +197,20 @@ def test_cache_tensor_matches(text_file):
     assert t.dtype == torch.uint8 and t.tolist() == corpus.ids.tolist()
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 999), st.integers(0, 1000))
+def test_cache_slices_map_their_own_characters(tmp_path_factory, a, b):
+    """A slice of the cached memmap (the train/validation split) must map to its own ids,
+    not to the start of the file: numpy slices inherit the parent's ``offset``."""
+    path = tmp_path_factory.mktemp("slices") / "t.txt"
+    path.write_text("".join(chr(97 + i % 26) for i in range(1000)), encoding="utf-8")
+    corpus = load_corpus(path)
+    assert isinstance(corpus.ids, np.memmap)
+    lo, hi = sorted((a, b))
+    for part in (corpus.ids[lo:hi], *split(corpus.ids, 0.1), corpus.ids[lo:][: hi - lo]):
+        assert as_tensor(part, torch.device("cpu")).tolist() == np.asarray(part).tolist()
+
+
 def test_unknown_characters_with_a_given_vocab(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("abcxyz abc", encoding="utf-8")

@@ -177,3 +177,24 @@ def test_metrics_lines_are_json(pattern_file, tmp_path):
     train(pattern_file, tiny_config(max_steps=20), out_dir=run, progress=False)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["kind"] for line in lines] == ["train", "train", "eval"]
+
+
+def test_validation_loss_is_measured_on_the_validation_text(tmp_path):
+    """The logged validation loss is the loss over the last 10% of the text, recomputed here
+    from the checkpoint and a plain Python encoding of that text (the first training run
+    reads the ids through the memory-mapped cache, the second from it)."""
+    from charlm.evaluate import mean_loss
+
+    text = "abcdefg\n" * 450 + "the quick brown fox jumps over the lazy dog\n" * 25
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    cfg = tiny_config(max_steps=20)
+    for name in ("first", "cached"):
+        run = tmp_path / name
+        train(path, cfg, out_dir=run, progress=False)
+        logged = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"][-1]
+        model, vocab = checkpoint.load_model(run / "last.pt")
+        val_text = text[int(len(text) * 0.9):]
+        ids = torch.tensor([vocab.chars.index(c) for c in val_text])
+        expected = mean_loss(model, ids, cfg.train.eval_streams, cfg.train.eval_seq_len)
+        assert logged["val_loss"] == pytest.approx(expected, rel=1e-5)
