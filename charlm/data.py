@@ -52,6 +52,32 @@ def _scan(source: Source, encoding: str, errors: str) -> tuple[np.ndarray, int, 
     return counts, total, crlf
 
 
+def _scan_cached(source: Source, encoding: str, errors: str, use_cache: bool):
+    """:func:`_scan` reduced to (code points present, number of chars, has CRLF), kept in the
+    cache by the text's SHA-256, so a second run of the same text reads it instead."""
+    key = hashlib.sha256(f"{source.sha256}|{encoding}|{errors}".encode()).hexdigest()[:32]
+    path = cache_dir() / "scan" / f"{key}.json"
+    if use_cache:
+        try:
+            meta = json.loads(path.read_text())
+            present = np.array(meta["code_points"], dtype=np.int64)
+            return present, int(meta["total"]), bool(meta["crlf"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    counts, total, crlf = _scan(source, encoding, errors)
+    present = np.flatnonzero(counts)
+    if use_cache:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"code_points": present.tolist(), "total": total,
+                                       "crlf": crlf}))
+            os.replace(tmp, path)
+        except OSError:  # a read-only or full cache only costs a scan next time
+            tmp.unlink(missing_ok=True)
+    return present, total, crlf
+
+
 def _cache_paths(source: Source, vocab: Vocab, encoding: str, errors: str) -> tuple[Path, Path]:
     key = hashlib.sha256(f"{source.sha256}|{vocab.to_json()}|{encoding}|{errors}".encode())
     stem = cache_dir() / "ids" / key.hexdigest()[:32]
@@ -102,8 +128,7 @@ def load_corpus(
     ``vocab`` are an error, or dropped and counted when ``drop_unknown``.
     """
     source = resolve_source(path)
-    counts, total, crlf = _scan(source, encoding, errors)
-    present = np.flatnonzero(counts)
+    present, total, crlf = _scan_cached(source, encoding, errors, use_cache)
     if total == 0 or not any(chr(int(c)).strip() for c in present):
         raise DataError(f"{source.name} is empty or only whitespace; nothing to train on")
     if vocab is None:

@@ -172,17 +172,30 @@ def test_load_corpus_encodes(text_file):
     assert corpus.unknown == 0 and not corpus.crlf
 
 
-def test_cache_hit_skips_encoding_and_memory_maps(text_file, monkeypatch):
-    first = load_corpus(text_file)
+def test_cache_hit_skips_decoding_and_memory_maps(text_file, monkeypatch):
+    """A second load of the same text neither scans it for its vocabulary nor encodes it."""
+    crlf_file = text_file.with_name("crlf.txt")
+    crlf_file.write_bytes(b"one\r\ntwo\r\n" * 20)
+    first, first_crlf = load_corpus(text_file), load_corpus(crlf_file)
     assert list((Path(os.environ["CHARLM_CACHE_DIR"]) / "ids").glob("*.bin"))
 
     def fail(*args, **kwargs):
         raise AssertionError("encoded again instead of using the cache")
 
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned again instead of using the cache")
+
+    real_scan, real_iter_text = charlm.data._scan, charlm.data.iter_text
     monkeypatch.setattr(charlm.data, "_encode_to", fail)
+    monkeypatch.setattr(charlm.data, "_scan", no_scan)
+    monkeypatch.setattr(charlm.data, "iter_text", no_scan)
     second = load_corpus(text_file)
     assert isinstance(second.ids, np.memmap)
     assert np.array_equal(second.ids, first.ids) and second.vocab == first.vocab
+    again = load_corpus(crlf_file)
+    assert again.crlf and first_crlf.crlf and again.vocab == first_crlf.vocab
+    monkeypatch.setattr(charlm.data, "_scan", real_scan)
+    monkeypatch.setattr(charlm.data, "iter_text", real_iter_text)
     # Changed content means a different key: the cache is not used for it.
     text_file.write_text(text_file.read_text() + "Z", encoding="utf-8")
     with pytest.raises(AssertionError, match="encoded again"):
