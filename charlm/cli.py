@@ -263,6 +263,10 @@ def sample(
 
         model, vocab = load_model(checkpoint_path, resolve_device(device))
     ids = seed_ids(vocab, seed, drop_unknown)
+    if drop_unknown and len(ids) != len(seed):
+        dropped = len(seed) - len(ids)
+        err.print(f"dropped {dropped} seed character{'s' * (dropped != 1)} outside the vocabulary")
+        seed = "".join(vocab.chars[i] for i in ids)  # what the model continues from
     stream = num_samples == 1
 
     def on_step(new_ids: list[int]) -> None:
