@@ -40,6 +40,7 @@ def run_charlm(config: Path, seconds: float, out: Path, extra: list[str]) -> dic
 def run_baseline(seconds: float) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from baseline import tutorial_train, tutorial_val_loss
+
     from charlm.data import load_corpus, split
 
     corpus = load_corpus(CORPUS)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from baseline import tutorial_train
+
 from charlm.bench import synthetic_text, train_speed
 from charlm.config import Config, load_toml
 from charlm.device import resolve_precision, set_threads

@@ -87,22 +87,12 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise CheckpointError(f"{path} is damaged or not a safetensors file ({first})") from None
-    if meta.get("format") != SAFETENSORS_FORMAT:
-        raise CheckpointError(f"{path} is not a charlm safetensors export (no charlm metadata)")
-    version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) > SAFETENSORS_VERSION:
-        raise CheckpointError(
-            f"{path} has safetensors export format {version!r}, newer than this charlm reads "
-            f"({SAFETENSORS_VERSION}); upgrade charlm (pip install -U charlm)"
-        )
-    try:
-        config = json.loads(meta["config"])
-        vocab = Vocab.from_json(meta["vocab"])
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path} has invalid charlm metadata: {exc}") from None
+    version, config, vocab = onnx_runtime.read_metadata(
+        path, meta, SAFETENSORS_FORMAT, SAFETENSORS_VERSION, "safetensors"
+    )
     return {
         "format": SAFETENSORS_FORMAT,
-        "format_version": int(version),
+        "format_version": version,
         "charlm_version": meta.get("charlm_version"),
         "config": config,
         "vocab": list(vocab.chars),

@@ -63,6 +63,26 @@ class OnnxModel:
         return logits, new_state
 
 
+def read_metadata(path: Path, meta: dict[str, str], fmt: str, newest: int,
+                  kind: str) -> tuple[int, dict, Vocab]:
+    """Check the charlm metadata of an export (ONNX or safetensors): its format and version,
+    and parse its config (a dict) and vocabulary. Returns (version, config, vocab)."""
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a charlm {kind} export (no charlm metadata)")
+    version = meta.get("format_version", "")
+    if not version.isdigit() or int(version) > newest:
+        raise CheckpointError(
+            f"{path} has {kind} export format {version!r}, newer than this charlm reads "
+            f"({newest}); upgrade charlm (pip install -U charlm)"
+        )
+    try:
+        config = json.loads(meta["config"])
+        vocab = Vocab.from_json(meta["vocab"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path} has invalid charlm metadata: {exc}") from None
+    return int(version), config, vocab
+
+
 def load(path: str | Path) -> OnnxModel:
     """Open a charlm ONNX export with onnxruntime and check its metadata and inputs."""
     ort = require("onnxruntime", "export", "running an ONNX model")
@@ -78,18 +98,10 @@ def load(path: str | Path) -> OnnxModel:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise CheckpointError(f"{path} is damaged or not an ONNX model ({first})") from None
     meta = session.get_modelmeta().custom_metadata_map
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a charlm ONNX export (no charlm metadata)")
-    version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has ONNX export format {version!r}, newer than this charlm reads "
-            f"({FORMAT_VERSION}); upgrade charlm (pip install -U charlm)"
-        )
+    _, config_dict, vocab = read_metadata(path, meta, FORMAT, FORMAT_VERSION, "ONNX")
     try:
-        config = Config.from_dict(json.loads(meta["config"]), source="ONNX metadata config")
-        vocab = Vocab.from_json(meta["vocab"])
-    except (KeyError, ValueError, TypeError, CharlmError) as exc:
+        config = Config.from_dict(config_dict, source="ONNX metadata config")
+    except (TypeError, CharlmError) as exc:
         raise CheckpointError(f"{path} has invalid charlm metadata: {exc}") from None
     expected = ["ids", *state_names(config.model.cell)]
     found = [i.name for i in session.get_inputs()]

@@ -12,6 +12,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.toml"
@@ -30,6 +31,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CHARLM_CACHE_DIR", str(root / "cache"))
     monkeypatch.setenv("CHARLM_DATA_DIR", str(root / "data"))
     monkeypatch.setenv("CHARLM_CORPUS_URL", "http://127.0.0.1:9/unreachable")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a second OpenMP thread competing for a
+    busy core can make each step ~100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

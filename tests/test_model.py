@@ -20,14 +20,7 @@ CELLS = ["rnn", "lstm", "gru"]
 V, B, T = 13, 3, 11
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a second OpenMP thread competing for a
-    busy core can make each step ~100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(cell: str, num_layers: int = 2, dropout: float = 0.3):

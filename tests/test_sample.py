@@ -16,14 +16,7 @@ from charlm.vocab import Vocab
 VOCAB = Vocab.from_text("abcdefghij \nTHE")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a second OpenMP thread competing for a
-    busy core can make each step ~100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["rnn", "lstm", "gru"])
