@@ -101,3 +101,16 @@ def test_empty_text():
     assert len(vocab) == 0
     assert vocab.encode("").tolist() == []
     assert vocab.decode([]) == ""
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=60), st.sampled_from(["", "é", "\U0001f600"]))
+def test_code_points_fast_ascii_path_agrees(text, extra):
+    """ASCII text takes a byte-copy path (uint8), other text the UTF-32 view (uint32)."""
+    for t in (text, text + extra):
+        cps = code_points(t)
+        assert cps.tolist() == [ord(c) for c in t]
+        assert cps.dtype == (np.uint8 if t.isascii() else np.uint32)
+        vocab = Vocab.from_text("ab")
+        expected = [vocab.chars.index(c) if c in vocab.chars else -1 for c in t]
+        assert vocab.lookup(cps).tolist() == expected
