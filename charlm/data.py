@@ -14,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from charlm.errors import DataError
+from charlm.checkpoint import atomic_write_text
+from charlm.errors import CharlmError, DataError
 from charlm.text import Source, iter_text, resolve_source
 from charlm.vocab import UNKNOWN, Vocab, code_points, id_dtype
 
@@ -41,7 +43,7 @@ class Corpus:
 
 
 def _scan(source: Source, encoding: str, errors: str) -> tuple[np.ndarray, int, bool]:
-    """Count every code point; returns (counts, number of chars, has CRLF)."""
+    """Read the whole text; returns (code points present, number of chars, has CRLF)."""
     counts = np.zeros(0x110000, dtype=np.int64)
     total = 0
     crlf = False
@@ -49,12 +51,23 @@ def _scan(source: Source, encoding: str, errors: str) -> tuple[np.ndarray, int, 
         counts += np.bincount(code_points(chunk), minlength=0x110000)
         total += len(chunk)
         crlf = crlf or "\r\n" in chunk
-    return counts, total, crlf
+    return np.flatnonzero(counts), total, crlf
 
 
-def _scan_cached(source: Source, encoding: str, errors: str, use_cache: bool):
-    """:func:`_scan` reduced to (code points present, number of chars, has CRLF), kept in the
-    cache by the text's SHA-256, so a second run of the same text reads it instead."""
+def _write_cache_file(path: Path, meta: dict) -> None:
+    """Best effort: a read-only or full cache only costs a scan or an encode next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(meta))
+    except (OSError, CharlmError):
+        pass
+
+
+def _scan_cached(
+    source: Source, encoding: str, errors: str, use_cache: bool
+) -> tuple[np.ndarray, int, bool]:
+    """:func:`_scan`, kept in the cache by the text's SHA-256, so a second run of the same
+    text reads the result instead of the text."""
     key = hashlib.sha256(f"{source.sha256}|{encoding}|{errors}".encode()).hexdigest()[:32]
     path = cache_dir() / "scan" / f"{key}.json"
     if use_cache:
@@ -64,17 +77,9 @@ def _scan_cached(source: Source, encoding: str, errors: str, use_cache: bool):
             return present, int(meta["total"]), bool(meta["crlf"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    counts, total, crlf = _scan(source, encoding, errors)
-    present = np.flatnonzero(counts)
+    present, total, crlf = _scan(source, encoding, errors)
     if use_cache:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"code_points": present.tolist(), "total": total,
-                                       "crlf": crlf}))
-            os.replace(tmp, path)
-        except OSError:  # a read-only or full cache only costs a scan next time
-            tmp.unlink(missing_ok=True)
+        _write_cache_file(path, {"code_points": present.tolist(), "total": total, "crlf": crlf})
     return present, total, crlf
 
 
@@ -172,13 +177,8 @@ def load_corpus(
     del out
     os.truncate(tmp, n * dtype.itemsize)
     os.replace(tmp, bin_path)
-    meta = {"dtype": dtype.name, "length": n, "unknown": unknown, "source": source.describe()}
-    meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    try:
-        meta_tmp.write_text(json.dumps(meta))
-        os.replace(meta_tmp, meta_path)
-    except OSError:  # no room for 100 bytes: the ids are fine, only encoded again next time
-        meta_tmp.unlink(missing_ok=True)
+    _write_cache_file(meta_path, {"dtype": dtype.name, "length": n, "unknown": unknown,
+                                  "source": source.describe()})
     ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
     return Corpus(ids, vocab, source, unknown, crlf)
 
@@ -204,9 +204,14 @@ def as_tensor(ids: np.ndarray, device: torch.device) -> torch.Tensor:
                           offset=root.offset)
         ids = whole[start:start + len(ids)]
     ids = np.asarray(ids)
-    if not ids.flags.writeable:
-        ids = ids.copy()  # torch wants a writable buffer
-    t = torch.from_numpy(ids)
+    if ids.flags.writeable:
+        t = torch.from_numpy(ids)
+    elif device.type == "cpu":
+        t = torch.from_numpy(ids.copy())  # torch wants a writable buffer
+    else:  # read only until the copy to the device below: no host copy first
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            t = torch.from_numpy(ids)
     if device.type != "cpu" and t.dtype != torch.uint8:
         t = t.to(torch.int32)  # wide unsigned dtypes have few kernels off the CPU
     return t.to(device)
