@@ -266,7 +266,7 @@ def sample(
     if drop_unknown and len(ids) != len(seed):
         dropped = len(seed) - len(ids)
         err.print(f"dropped {dropped} seed character{'s' * (dropped != 1)} outside the vocabulary")
-        seed = "".join(vocab.chars[i] for i in ids)  # what the model continues from
+        seed = vocab.decode(ids)  # what the model continues from
     stream = num_samples == 1
 
     def on_step(new_ids: list[int]) -> None:

@@ -185,17 +185,15 @@ def test_cache_hit_skips_decoding_and_memory_maps(text_file, monkeypatch):
     def no_scan(*args, **kwargs):
         raise AssertionError("scanned again instead of using the cache")
 
-    real_scan, real_iter_text = charlm.data._scan, charlm.data.iter_text
     monkeypatch.setattr(charlm.data, "_encode_to", fail)
-    monkeypatch.setattr(charlm.data, "_scan", no_scan)
-    monkeypatch.setattr(charlm.data, "iter_text", no_scan)
-    second = load_corpus(text_file)
-    assert isinstance(second.ids, np.memmap)
-    assert np.array_equal(second.ids, first.ids) and second.vocab == first.vocab
-    again = load_corpus(crlf_file)
-    assert again.crlf and first_crlf.crlf and again.vocab == first_crlf.vocab
-    monkeypatch.setattr(charlm.data, "_scan", real_scan)
-    monkeypatch.setattr(charlm.data, "iter_text", real_iter_text)
+    with monkeypatch.context() as m:
+        m.setattr(charlm.data, "_scan", no_scan)
+        m.setattr(charlm.data, "iter_text", no_scan)
+        second = load_corpus(text_file)
+        assert isinstance(second.ids, np.memmap)
+        assert np.array_equal(second.ids, first.ids) and second.vocab == first.vocab
+        again = load_corpus(crlf_file)
+        assert again.crlf and first_crlf.crlf and again.vocab == first_crlf.vocab
     # Changed content means a different key: the cache is not used for it.
     text_file.write_text(text_file.read_text() + "Z", encoding="utf-8")
     with pytest.raises(AssertionError, match="encoded again"):
