@@ -24,7 +24,7 @@ import torch
 from charlm.checkpoint import atomic_write_text
 from charlm.errors import CharlmError, DataError
 from charlm.text import Source, iter_text, resolve_source
-from charlm.vocab import UNKNOWN, Vocab, code_points, id_dtype
+from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype
 
 
 def cache_dir() -> Path:
@@ -74,7 +74,11 @@ def _scan_cached(
         try:
             meta = json.loads(path.read_text())
             present = np.array(meta["code_points"], dtype=np.int64)
-            return present, int(meta["total"]), bool(meta["crlf"])
+            total, crlf = int(meta["total"]), meta["crlf"]
+            # Anything else is a damaged cache file: read the text again.
+            if (present.ndim == 1 and len(present) <= total and isinstance(crlf, bool)
+                    and ((present >= 0) & (present <= MAX_CODE_POINT)).all()):
+                return present, total, crlf
         except (OSError, ValueError, KeyError, TypeError):
             pass
     present, total, crlf = _scan(source, encoding, errors)

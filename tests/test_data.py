@@ -202,6 +202,24 @@ def test_cache_hit_skips_decoding_and_memory_maps(text_file, monkeypatch):
         load_corpus(text_file, use_cache=False)
 
 
+@pytest.mark.parametrize("damaged", [
+    '{"code_points": [',
+    '{"code_points": [-5, 99999999], "total": 10, "crlf": false}',
+    '{"code_points": [97], "total": -3, "crlf": false}',
+    '{"code_points": [[97]], "total": 10, "crlf": false}',
+    '{"code_points": [97], "total": 10, "crlf": "no"}',
+    '[]',
+])
+def test_damaged_scan_cache_reads_the_text_again(text_file, damaged):
+    first = load_corpus(text_file)
+    for path in (Path(os.environ["CHARLM_CACHE_DIR"]) / "scan").glob("*.json"):
+        path.write_text(damaged)
+    for path in (Path(os.environ["CHARLM_CACHE_DIR"]) / "ids").glob("*"):
+        path.unlink()
+    again = load_corpus(text_file)
+    assert again.vocab == first.vocab and np.array_equal(again.ids, first.ids)
+
+
 def test_cache_tensor_matches(text_file):
     corpus = load_corpus(text_file)
     t = as_tensor(corpus.ids, torch.device("cpu"))
