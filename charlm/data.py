@@ -54,6 +54,12 @@ def _scan(source: Source, encoding: str, errors: str) -> tuple[np.ndarray, int, 
     return np.flatnonzero(counts), total, crlf
 
 
+def _cache_stem(kind: str, *parts: str) -> Path:
+    """Where the cache keeps ``kind`` files, named by a hash of everything that decides their
+    content (the text's SHA-256 first)."""
+    return cache_dir() / kind / hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
 def _write_cache_file(path: Path, meta: dict) -> None:
     """Best effort: a read-only or full cache only costs a scan or an encode next time."""
     try:
@@ -68,8 +74,7 @@ def _scan_cached(
 ) -> tuple[np.ndarray, int, bool]:
     """:func:`_scan`, kept in the cache by the text's SHA-256, so a second run of the same
     text reads the result instead of the text."""
-    key = hashlib.sha256(f"{source.sha256}|{encoding}|{errors}".encode()).hexdigest()[:32]
-    path = cache_dir() / "scan" / f"{key}.json"
+    path = _cache_stem("scan", source.sha256, encoding, errors).with_suffix(".json")
     if use_cache:
         try:
             meta = json.loads(path.read_text())
@@ -88,8 +93,7 @@ def _scan_cached(
 
 
 def _cache_paths(source: Source, vocab: Vocab, encoding: str, errors: str) -> tuple[Path, Path]:
-    key = hashlib.sha256(f"{source.sha256}|{vocab.to_json()}|{encoding}|{errors}".encode())
-    stem = cache_dir() / "ids" / key.hexdigest()[:32]
+    stem = _cache_stem("ids", source.sha256, vocab.to_json(), encoding, errors)
     return stem.with_suffix(".bin"), stem.with_suffix(".json")
 
 
