@@ -1,5 +1,22 @@
 """Shared fixtures: an isolated cache, small corpora, a trained tiny checkpoint, and a helper
-that runs the installed ``charlm`` console script in a subprocess."""
+that runs the installed ``charlm`` console script in a subprocess.
+
+How precision is chosen in tests
+--------------------------------
+``--precision auto`` means bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX) and fp32
+elsewhere, so a test that inherits it computes different numbers on different CI machines.
+
+* Tests that compare numbers between two computations (one process against two, a resumed
+  run against an uninterrupted one computed another way, a logged loss against a loss
+  recomputed here) pin ``fp32`` themselves, with ``--precision fp32`` or
+  ``cfg.train.precision = "fp32"``, and keep their tight tolerances.
+* Every other test trains with ``TEST_PRECISION``: the ``CHARLM_TEST_PRECISION`` environment
+  variable (``auto``, ``fp32`` or ``bf16``; default ``auto``, what users get). ``TINY_CONFIG``
+  is ``configs/tiny.toml`` with that precision written in, so the real command sees it too.
+  ``CHARLM_TEST_PRECISION=bf16`` on a CPU without native bf16 stops the session at once.
+* ``tests/test_precision.py`` exercises bf16 autocast on the CPU against fp32 with a tolerance
+  derived for bf16 (skipped where the CPU lacks native bf16).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +25,38 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
 
+from charlm.device import cpu_has_fast_bf16
+
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "tiny.toml"
+PRECISIONS = ("auto", "fp32", "bf16")
+TEST_PRECISION = os.environ.get("CHARLM_TEST_PRECISION", "auto").strip().lower() or "auto"
+if TEST_PRECISION not in PRECISIONS:
+    pytest.exit(f"CHARLM_TEST_PRECISION must be one of {', '.join(PRECISIONS)}, "
+                f"not {TEST_PRECISION!r}", returncode=4)
+if TEST_PRECISION == "bf16" and not cpu_has_fast_bf16():
+    pytest.exit("CHARLM_TEST_PRECISION=bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX)",
+                returncode=4)
+
+
+def _tiny_config(precision: str) -> Path:
+    """configs/tiny.toml with ``train.precision`` set, in a folder of its own."""
+    from charlm.config import load_toml, to_toml
+
+    cfg = load_toml(REPO / "configs" / "tiny.toml")
+    cfg.train.precision = precision
+    path = Path(tempfile.mkdtemp(prefix="charlm-tests-")) / "tiny.toml"
+    path.write_text(to_toml(cfg), encoding="utf-8")
+    return path
+
+
+TINY_CONFIG = _tiny_config(TEST_PRECISION)
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 SAMPLE_TEXT = (

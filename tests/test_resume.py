@@ -333,9 +333,10 @@ def test_init_from_starts_a_new_run_from_the_weights(tiny_run, tmp_path):
     new = tmp_path / "new.txt"
     new.write_text("All:\nSpeak, speak. You are resolved.\n" * 60, encoding="utf-8")
     out = tmp_path / "tuned"
+    # fp32: the first loss is compared with an fp32 forward pass computed here.
     proc = run_cli("train", new, "--init-from", tiny_run / "best.pt", "--config", TINY_CONFIG,
-                   "--max-steps", "3", "--set", "train.log_every=1", "--out", out,
-                   "--no-progress", "--no-samples")
+                   "--precision", "fp32", "--max-steps", "3", "--set", "train.log_every=1",
+                   "--out", out, "--no-progress", "--no-samples")
     assert proc.returncode == 0, proc.stderr
     base = checkpoint.load(tiny_run / "best.pt")
     tuned = checkpoint.load(out / "last.pt")
