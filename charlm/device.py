@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -40,10 +41,11 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32."""
+    """``auto``: fp16 with loss scaling on CUDA (see :func:`amp_plan`), bf16 on CPUs that run
+    it natively, else fp32."""
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -57,6 +59,52 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bf16; use --precision fp16 or fp32")
     return precision
+
+
+@dataclass(frozen=True)
+class AmpPlan:
+    """What a resolved precision means on a device, for the whole model and for its
+    recurrent layers, which autocast treats apart."""
+
+    precision: str  # fp32, bf16 or fp16, as resolved
+    autocast_dtype: torch.dtype | None  # None: no autocast
+    rnn_dtype: torch.dtype  # what nn.RNN/LSTM/GRU compute in
+    loss_scaling: bool  # whether a GradScaler scales the loss
+
+    def describe(self) -> str:
+        if self.autocast_dtype is None:
+            return self.precision
+        rnn = str(self.rnn_dtype).removeprefix("torch.")
+        scaled = ", loss scaling" if self.loss_scaling else ""
+        return f"{self.precision} (recurrent layers {rnn}{scaled})"
+
+
+def amp_plan(precision: str, device: torch.device, cell: str = "lstm") -> AmpPlan:
+    """The mixed-precision plan for an already resolved ``precision``.
+
+    On CUDA, autocast sends cuDNN RNNs through a wrapper of their own
+    (aten/src/ATen/cudnn/AutocastRNN.cpp, registered for ``_cudnn_rnn``) that casts input,
+    weights and states to fp16 whatever dtype autocast was given: under bf16 autocast the
+    recurrent layers still run in fp16 (checked on an H100 with torch 2.11: an LSTM's output
+    is float16 under ``torch.autocast("cuda", torch.bfloat16)``). fp16 gradients underflow
+    without loss scaling, so on CUDA every autocast precision scales the loss. On the CPU,
+    autocast runs LSTM and RNN in bf16 and leaves GRU in fp32; bf16's range needs no scaling.
+    """
+    if precision == "fp32":
+        return AmpPlan("fp32", None, torch.float32, False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cuda":
+        return AmpPlan(precision, dtype, torch.float16, True)
+    rnn = torch.float32 if cell == "gru" else dtype
+    return AmpPlan(precision, dtype, rnn, False)
+
+
+def allow_tf32(device: torch.device) -> None:
+    """fp32 on CUDA uses TF32 tensor cores for matmuls and cuDNN (10 mantissa bits in the
+    products, fp32 accumulation), as nanoGPT does: several times faster than strict fp32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device: torch.device, precision: str):

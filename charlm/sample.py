@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 
 from charlm.decoding import check_options, seed_ids, start_ids  # noqa: F401 - re-exported
-from charlm.model import CharRNN, Stepper
+from charlm.model import CharRNN
+from charlm.stepping import make_step
 from charlm.vocab import Vocab
 
 
@@ -61,7 +62,7 @@ def generate(
     ids = torch.tensor([seed], device=device).expand(num_samples, -1)  # (B, T_seed)
     logits, state = model(ids)  # the seed warms the state in one pass
     logits = logits[:, -1]  # (B, V)
-    step = Stepper(model)
+    step = make_step(model, num_samples, state)  # a CUDA graph on a GPU
     out = torch.empty(num_samples, length, dtype=torch.long, device=device)
     for t in range(length):
         nxt = pick(logits, temperature, top_k, top_p, g)  # (B,)

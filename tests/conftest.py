@@ -16,6 +16,10 @@ elsewhere, so a test that inherits it computes different numbers on different CI
   ``CHARLM_TEST_PRECISION=bf16`` on a CPU without native bf16 stops the session at once.
 * ``tests/test_precision.py`` exercises bf16 autocast on the CPU against fp32 with a tolerance
   derived for bf16 (skipped where the CPU lacks native bf16).
+
+Devices: every test runs on the CPU unless it is marked ``gpu``: ``TINY_CONFIG`` pins
+``device = "cpu"`` and the commands a test starts see no GPU (``CUDA_VISIBLE_DEVICES=""``), so
+the suite computes the same numbers on a GPU machine. ``gpu`` tests are skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _tiny_config(precision: str) -> Path:
     from charlm.config import load_toml, to_toml
 
     cfg = load_toml(REPO / "configs" / "tiny.toml")
-    cfg.train.precision = precision
+    cfg.train.precision, cfg.train.device = precision, "cpu"
     path = Path(tempfile.mkdtemp(prefix="charlm-tests-")) / "tiny.toml"
     path.write_text(to_toml(cfg), encoding="utf-8")
     return path
@@ -65,9 +69,21 @@ SAMPLE_TEXT = (
 ) * 40
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own id cache and data directory, and no network corpus."""
+def _isolated_cache(request, tmp_path_factory, monkeypatch):
+    """Every test gets its own id cache and data directory, and no network corpus; commands
+    started by a test that is not marked ``gpu`` see no GPU."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     root = tmp_path_factory.mktemp("charlm-home")
     monkeypatch.setenv("CHARLM_CACHE_DIR", str(root / "cache"))
     monkeypatch.setenv("CHARLM_DATA_DIR", str(root / "data"))

@@ -39,8 +39,8 @@ from charlm.train import train
 STEPS = 60
 # The chain is compared with one process to a tight tolerance, so it pins fp32 (auto would be
 # bf16 on CPUs with native bf16, where two ways of summing differ by more).
-COMMON = ["--config", TINY_CONFIG, "--precision", "fp32", "--max-steps", STEPS,
-          "--set", "train.log_every=1",
+COMMON = ["--config", TINY_CONFIG, "--device", "cpu", "--precision", "fp32",
+          "--max-steps", STEPS, "--set", "train.log_every=1",
           "--set", "train.threads=1", "--no-progress", "--no-samples"]
 CHILD_ENV = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
@@ -89,7 +89,7 @@ def tiny_cfg(batch_size: int):
     cfg = load_toml(TINY_CONFIG)
     cfg.train.batch_size, cfg.train.max_steps = batch_size, STEPS
     cfg.train.log_every, cfg.train.threads, cfg.train.sample_chars = 1, 1, 0
-    cfg.train.precision = "fp32"
+    cfg.train.precision, cfg.train.device = "fp32", "cpu"
     return cfg
 
 
