@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from charlm.cells import CELLS
 from charlm.config import Config, ModelConfig
 from charlm.device import resolve_device, resolve_precision, set_threads
 from charlm.model import build_model
@@ -71,7 +72,7 @@ def matmul_gflops(device: torch.device, precision: str, n: int = 2048, seconds: 
 
 def train_flops_per_char(cfg: ModelConfig, vocab_size: int) -> float:
     """Matrix arithmetic of one training character: forward + backward = 3x forward."""
-    gates = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.cell]
+    gates = CELLS[cfg.cell].gates
     forward = 0
     for k in range(cfg.num_layers):
         inputs = cfg.embed_size if k == 0 else cfg.hidden_size

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charlm.checkpoint import atomic_write_text
+from charlm.atomic import atomic_write_text
 from charlm.errors import CharlmError, DataError
 from charlm.text import Source, iter_text, resolve_source
 from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype

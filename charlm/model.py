@@ -11,11 +11,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from charlm.cells import CELLS
 from charlm.config import ModelConfig
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-_CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
 class CharRNN(nn.Module):
@@ -25,7 +24,7 @@ class CharRNN(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.embed_size)
         # nn.RNN/LSTM/GRU only apply dropout between layers; a single layer warns if given one.
         between = cfg.dropout if cfg.num_layers > 1 else 0.0
-        self.rnn = _CELLS[cfg.cell](
+        self.rnn = getattr(nn, CELLS[cfg.cell].torch_class)(
             cfg.embed_size, cfg.hidden_size, cfg.num_layers, dropout=between, batch_first=True
         )
         self.drop = nn.Dropout(cfg.dropout)
@@ -34,8 +33,9 @@ class CharRNN(nn.Module):
     def init_state(self, batch_size: int) -> State:
         """A zero state for ``batch_size`` streams, on the model's device and in its dtype."""
         w = self.head.weight
-        h = w.new_zeros(self.cfg.num_layers, batch_size, self.cfg.hidden_size)
-        return (h, h.clone()) if self.cfg.cell == "lstm" else h
+        zeros = [w.new_zeros(self.cfg.num_layers, batch_size, self.cfg.hidden_size)
+                 for _ in CELLS[self.cfg.cell].states]
+        return state_from_tensors(zeros, self.cfg.cell)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Inputs: ids (B, T) int64; state from :meth:`init_state` or a previous call.
@@ -66,7 +66,8 @@ def state_tensors(state: State) -> list[torch.Tensor]:
 
 
 def state_from_tensors(tensors: list[torch.Tensor], cell: str) -> State:
-    return (tensors[0], tensors[1]) if cell == "lstm" else tensors[0]
+    """The state a cell's layer takes, from its tensors in :data:`charlm.cells.CELLS` order."""
+    return tuple(tensors) if len(CELLS[cell].states) > 1 else tensors[0]
 
 
 def select_state(state: State, rows: torch.Tensor) -> State:
