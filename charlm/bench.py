@@ -1,7 +1,7 @@
 """``charlm bench``: measured speed of the real training and sampling code on this device.
 
-Training speed comes from running :func:`charlm.train.train` itself on synthetic text and
-reading the chars/s it logs (skipping the first interval, which holds start-up). Sampling
+Training speed comes from running :func:`charlm.train.train` itself on synthetic text with a
+monitor that keeps the chars/s it logs (skipping the first interval, which holds start-up). Sampling
 speed comes from :func:`charlm.sample.generate`. The fraction of peak compares the model's
 matrix arithmetic per character with a matmul rate measured here, in the same run.
 """
@@ -22,7 +22,7 @@ from charlm.cells import CELLS
 from charlm.config import Config, ModelConfig
 from charlm.device import resolve_device, resolve_precision, set_threads
 from charlm.model import build_model
-from charlm.runs import read_metrics
+from charlm.monitors import TrainLogs
 from charlm.sample import generate
 from charlm.vocab import Vocab
 
@@ -94,6 +94,7 @@ def train_speed(cfg: Config, steps: int = 30, workdir: Path | None = None) -> fl
     """Median logged chars/s of the real training loop over ``steps`` steps."""
     from charlm.train import train
 
+    logs = TrainLogs()
     cfg = copy.deepcopy(cfg)
     tc = cfg.train
     tc.max_steps, tc.max_time, tc.max_epochs = steps, 0.0, 0.0
@@ -105,10 +106,8 @@ def train_speed(cfg: Config, steps: int = 30, workdir: Path | None = None) -> fl
         text = Path(tmp) / "bench.txt"
         need = (tc.batch_size * tc.seq_len + 1) * (steps + 2)
         text.write_text(synthetic_text(int(need / (1 - cfg.data.val_fraction)) + 1000))
-        result = train(text, cfg, out_dir=Path(tmp) / "run", progress=False)
-        rates = [r["chars_per_sec"] for r in read_metrics(result.run_dir / "metrics.jsonl")
-                 if r["kind"] == "train"][1:]
-    return statistics.median(rates)
+        train(text, cfg, out_dir=Path(tmp) / "run", monitors=[logs])
+    return statistics.median(r["chars_per_sec"] for r in logs.records[1:])
 
 
 def sample_speed(model, vocab: Vocab, streams: int, length: int) -> float:

@@ -1,5 +1,7 @@
 """Process-group plumbing for training under ``torchrun`` (DistributedDataParallel).
 
+Over 300 lines: one concept, the process group and its error protocol, which reads best whole.
+
 A plain :class:`Dist` is the single-process case: rank 0 of a world of 1, every collective
 the identity. :func:`from_env` returns a :class:`DDPDist` when torchrun's variables
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) say this process is one of several: NCCL for

@@ -67,7 +67,10 @@ def state_tensors(state: State) -> list[torch.Tensor]:
 
 def state_from_tensors(tensors: list[torch.Tensor], cell: str) -> State:
     """The state a cell's layer takes, from its tensors in :data:`charlm.cells.CELLS` order."""
-    return tuple(tensors) if len(CELLS[cell].states) > 1 else tensors[0]
+    count = len(CELLS[cell].states)
+    if len(tensors) != count:
+        raise ValueError(f"a {cell} state is {count} tensor(s), got {len(tensors)}")
+    return tuple(tensors) if count > 1 else tensors[0]
 
 
 def select_state(state: State, rows: torch.Tensor) -> State:
