@@ -244,3 +244,31 @@ def test_progress_forces_the_bar_even_into_a_file_and_tensorboard_writes_events(
     assert "\r" in err and not re.search(r"^step \d+/30  epoch", err, re.M)
     assert list(run.glob("events.out.tfevents.*"))
     assert load_toml(run / "config.toml").train.tensorboard
+
+
+def test_an_error_mid_run_releases_the_run_directory(text_file, tmp_path):
+    """The run directory's lock is released however training ends, so the same process can
+    resume at once (it used to stay locked until the process ended)."""
+    import fcntl
+
+    from charlm import checkpoint
+    from charlm.train import train
+
+    class Fails(Monitor):
+        def on_train_log(self, record):
+            if record["step"] == 8:
+                raise CharlmError("the log disk went away")
+
+    cfg = load_toml(TINY_CONFIG)
+    cfg.train.threads, cfg.train.device, cfg.train.precision = 1, "cpu", "fp32"
+    cfg.train.max_steps, cfg.train.log_every, cfg.train.eval_every = 12, 4, 4
+    cfg.train.sample_chars = 0
+    run = tmp_path / "run"
+    with pytest.raises(CharlmError, match="log disk"):
+        train(text_file, cfg, out_dir=run, monitors=[Fails()])
+    with open(run / ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the run still held it
+        fcntl.flock(f, fcntl.LOCK_UN)
+    result = train(text_file, cfg, out_dir=run, resume=checkpoint.load(run / "last.pt"),
+                   monitors=[])
+    assert result.step == 12
