@@ -5,7 +5,7 @@ knows nothing of terminals or files; each monitor renders what it is told in its
 * :class:`LogLines`: when stderr is a file or a pipe, one flushed line per log step and per
   evaluation, so ``tail -f`` shows progress and the file stays readable.
 * :class:`MetricsFile`: ``metrics.jsonl`` in the run directory, always.
-* :class:`charlm.tensorboard.TensorBoard`: event files for TensorBoard (optional extra).
+* :class:`charlm.tensorboard_monitor.TensorBoard`: event files for TensorBoard (optional extra).
 * :class:`TrainLogs`: keeps the train records in memory (``charlm bench`` reads its speed).
 
 Records are the dicts written to ``metrics.jsonl``: ``kind`` "train" (step, epoch, chars,
