@@ -1,7 +1,7 @@
 """``charlm bench``: measured speed of the real training and sampling code on this device.
 
-Training speed comes from running :func:`charlm.train.train` itself on synthetic text and
-reading the chars/s it logs (skipping the first interval, which holds start-up). Sampling
+Training speed comes from running :func:`charlm.train.train` itself on synthetic text with a
+monitor that keeps the chars/s it logs (skipping the first interval, which holds start-up). Sampling
 speed comes from :func:`charlm.sample.generate`. The fraction of peak compares the model's
 matrix arithmetic per character with a matmul rate measured here, in the same run.
 """
@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from charlm.cells import CELLS
 from charlm.config import Config, ModelConfig
 from charlm.device import resolve_device, resolve_precision, set_threads
 from charlm.model import build_model
-from charlm.runs import read_metrics
+from charlm.monitors import TrainLogs
 from charlm.sample import generate
 from charlm.vocab import Vocab
 
@@ -71,7 +72,7 @@ def matmul_gflops(device: torch.device, precision: str, n: int = 2048, seconds: 
 
 def train_flops_per_char(cfg: ModelConfig, vocab_size: int) -> float:
     """Matrix arithmetic of one training character: forward + backward = 3x forward."""
-    gates = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.cell]
+    gates = CELLS[cfg.cell].gates
     forward = 0
     for k in range(cfg.num_layers):
         inputs = cfg.embed_size if k == 0 else cfg.hidden_size
@@ -93,6 +94,7 @@ def train_speed(cfg: Config, steps: int = 30, workdir: Path | None = None) -> fl
     """Median logged chars/s of the real training loop over ``steps`` steps."""
     from charlm.train import train
 
+    logs = TrainLogs()
     cfg = copy.deepcopy(cfg)
     tc = cfg.train
     tc.max_steps, tc.max_time, tc.max_epochs = steps, 0.0, 0.0
@@ -104,10 +106,8 @@ def train_speed(cfg: Config, steps: int = 30, workdir: Path | None = None) -> fl
         text = Path(tmp) / "bench.txt"
         need = (tc.batch_size * tc.seq_len + 1) * (steps + 2)
         text.write_text(synthetic_text(int(need / (1 - cfg.data.val_fraction)) + 1000))
-        result = train(text, cfg, out_dir=Path(tmp) / "run", progress=False)
-        rates = [r["chars_per_sec"] for r in read_metrics(result.run_dir / "metrics.jsonl")
-                 if r["kind"] == "train"][1:]
-    return statistics.median(rates)
+        train(text, cfg, out_dir=Path(tmp) / "run", monitors=[logs])
+    return statistics.median(r["chars_per_sec"] for r in logs.records[1:])
 
 
 def sample_speed(model, vocab: Vocab, streams: int, length: int) -> float:

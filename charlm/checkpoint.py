@@ -2,79 +2,30 @@
 
 A checkpoint is a dict of tensors and plain Python values only (no pickled modules or
 classes), so ``torch.load(path, weights_only=True)`` reads it and a crafted file cannot run
-code. Every file is written to a temporary file in the same directory, flushed to disk, then
-renamed over the target, so a crash at any moment leaves the previous file intact.
+code. Every file is written atomically (:mod:`charlm.atomic`), so a crash at any moment
+leaves the previous file intact.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from charlm import __version__
+from charlm.atomic import atomic_write, atomic_write_text  # noqa: F401 - re-exported
 from charlm.config import SHAPE_FIELDS, Config
-from charlm.errors import CharlmError, CheckpointError
+from charlm.errors import CharlmError, CheckpointError, first_line
 from charlm.model import CharRNN, build_model
 from charlm.vocab import Vocab
 
 FORMAT = "charlm-checkpoint"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through a temporary file in the same directory, fsync, then rename.
-
-    ``write`` receives the open temporary file. On any error the temporary file is removed
-    and the previous ``path`` is left untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        os_error = _os_error(exc)
-        if os_error is not None:
-            raise CharlmError(
-                f"could not write {path}: {os_error.strerror or os_error}; the previous file "
-                "is unchanged"
-            ) from None
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind ``exc``, if any. On a full disk torch.save's cleanup raises a
-    RuntimeError ("unexpected pos") while the write's OSError is being handled."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, OSError):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save(path: str | Path, ckpt: dict[str, Any]) -> None:
@@ -196,8 +147,7 @@ def model_of(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> CharRN
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint weights do not fit its config: {first}") from None
+        raise CheckpointError(f"checkpoint weights do not fit its config: {first_line(exc)}") from None
     return model.to(device).eval()
 
 
@@ -206,7 +156,7 @@ def read(path: str | Path) -> dict[str, Any]:
     config, vocab, model; no training state), for commands that only need the model."""
     suffix = Path(path).suffix.lower()
     if suffix == ".safetensors":
-        from charlm.export import read_safetensors  # needs the optional safetensors package
+        from charlm.safetensors_io import read_safetensors  # needs the optional safetensors
 
         return read_safetensors(path)
     if suffix == ".onnx":

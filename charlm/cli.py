@@ -1,5 +1,7 @@
 """The ``charlm`` command. It parses options, calls one library function per command and
-renders the result; it is the only module that knows about typer and rich."""
+renders the result; it is the only module that knows about typer and rich.
+
+Over 300 lines: one short section per command, and typer's options read best one per line."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from charlm.errors import CharlmError
+from charlm.cells import CHOICES_TEXT as CELL_CHOICES
+from charlm.errors import CharlmError, internal_error
 
 app = typer.Typer(
     help="Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export.",
@@ -42,17 +45,30 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 
 # ---------------------------------------------------------------------------------- train
-def _overrides(**options) -> list[str]:
-    """Named options as ``section.key=value`` strings (only those given)."""
-    sections = {
-        "cell": "model", "hidden_size": "model", "num_layers": "model", "embed_size": "model",
-        "dropout": "model", "encoding": "data", "val_fraction": "data",
-    }
-    return [
-        f"{sections.get(name, 'train')}.{name}={value}"
-        for name, value in options.items()
-        if value is not None
-    ]
+# The config section of each typed option whose section is not ``train``.
+_SECTIONS = {
+    "cell": "model", "hidden_size": "model", "num_layers": "model", "embed_size": "model",
+    "dropout": "model", "encoding": "data", "val_fraction": "data",
+}
+
+
+def _apply_options(cfg, sets: list[str], **options) -> dict[str, str]:
+    """Set the given typed options on ``cfg`` (``--seq-len 64`` sets ``cfg.train.seq_len``),
+    then the ``--set`` strings over them. Returns {config key: option} for the fields an
+    option set, so that a value out of range is reported with the option's name."""
+    from charlm.config import apply_sets, set_value
+
+    sources = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        key, option = f"{_SECTIONS.get(name, 'train')}.{name}", "--" + name.replace("_", "-")
+        set_value(cfg, key, value, option)
+        sources[key] = option
+    apply_sets(cfg, sets)
+    for item in sets:  # a later --set decides the value
+        sources.pop(item.partition("=")[0].strip(), None)
+    return sources
 
 
 @app.command()
@@ -61,7 +77,7 @@ def train(
         help="UTF-8 text file, or a directory of *.txt files. Default: tiny Shakespeare "
         "(downloaded once), or the file a resumed run was trained on.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config, e.g. configs/cpu.toml.")] = None,
-    cell: Annotated[str | None, typer.Option(help="rnn, lstm or gru.")] = None,
+    cell: Annotated[str | None, typer.Option(help=f"{CELL_CHOICES}.")] = None,
     hidden_size: Annotated[int | None, typer.Option()] = None,
     num_layers: Annotated[int | None, typer.Option()] = None,
     embed_size: Annotated[int | None, typer.Option()] = None,
@@ -88,12 +104,13 @@ def train(
     allow_other_data: Annotated[bool, typer.Option(help="Resume on a file other than the run's.")] = False,
     drop_unknown: Annotated[bool, typer.Option(help="Drop characters outside an --init-from vocabulary.")] = False,
     stop_at_step: Annotated[int, typer.Option(help="Pause at this step (resumable; the schedule is unchanged).")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="A progress bar, or one plain line per log step and evaluation. Default: the bar when stderr is a terminal.")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help='Also write TensorBoard logs into the run directory (pip install "charlm[tensorboard]").')] = None,
     dist_timeout: Annotated[float | None, typer.Option(help="Under torchrun: seconds to wait for a stalled process before all stop (default 300).")] = None,
 ) -> None:
     """Train a model on a text file. Under torchrun, trains one model over all processes."""
     from charlm import checkpoint
-    from charlm.config import Config, apply_sets, load_toml, validate
+    from charlm.config import Config, load_toml, validate
     from charlm.corpus import default_corpus
     from charlm.distributed import from_env
     from charlm.train import EXIT_INTERRUPTED
@@ -135,17 +152,17 @@ def train(
                 cfg.model = checkpoint.config_of(init_ckpt).model
         if config is not None:
             cfg = load_toml(config, cfg)
-        options = dict(
+        sources = _apply_options(
+            cfg, list(set_ or []),
             cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
             dropout=dropout, batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=max_steps,
             max_time=max_time, max_epochs=max_epochs, eval_every=eval_every, seed=seed,
             device=device, precision=precision, encoding=encoding, patience=patience,
-            keep_last=keep_last, sample_every=sample_every,
+            keep_last=keep_last, sample_every=sample_every, tensorboard=tensorboard,
         )
-        apply_sets(cfg, _overrides(**options) + list(set_ or []))
         if no_samples:
             cfg.train.sample_chars = 0
-        validate(cfg)
+        validate(cfg, sources)
         if file is None:
             file = default_corpus()
             if dist.rank == 0:
@@ -175,10 +192,10 @@ def train(
 
 
 def _print_summary(r) -> None:
-    import math
+    from charlm.units import bits
 
-    def bits(x: float) -> str:
-        return f"{x:.4f} nats  {x / math.log(2):.4f} bits"
+    def nats_and_bits(x: float) -> str:
+        return f"{x:.4f} nats  {bits(x):.4f} bits"
 
     rows = [
         ("run", str(r.run_dir)),
@@ -187,9 +204,9 @@ def _print_summary(r) -> None:
         ("characters seen", f"{r.chars_seen:,}"),
         ("time", f"{r.elapsed:,.1f} s"),
         ("speed", f"{r.chars_per_sec:,.0f} chars/s"),
-        ("train loss", bits(r.train_loss)),
-        ("val loss (last)", bits(r.val_loss)),
-        ("val loss (best)", bits(r.best_val_loss)),
+        ("train loss", nats_and_bits(r.train_loss)),
+        ("val loss (last)", nats_and_bits(r.val_loss)),
+        ("val loss (best)", nats_and_bits(r.best_val_loss)),
         ("parameters", f"{r.num_parameters:,}"),
         ("vocabulary", f"{r.vocab_size:,} characters"),
         ("device", f"{r.device} ({r.precision})"),
@@ -324,6 +341,7 @@ def info(checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")])
     import math
 
     from charlm import checkpoint
+    from charlm.units import bits
 
     ckpt = checkpoint.read(checkpoint_path)
     cfg = checkpoint.config_of(ckpt)
@@ -340,7 +358,7 @@ def info(checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")])
         ("vocabulary", f"{len(ckpt['vocab']):,} characters"),
         ("steps", f"{ts.get('step', 0):,}"),
         ("epochs", f"{ts.get('epoch', 0):.2f}"),
-        ("best val loss", f"{best:.4f} nats ({best / math.log(2):.4f} bits/char)"),
+        ("best val loss", f"{best:.4f} nats ({bits(best):.4f} bits/char)"),
         ("training time", f"{ts.get('elapsed', 0):,.1f} s"),
         ("training file", f"{source.get('name', '?')} ({source.get('size', 0):,} bytes)"),
         ("file sha256", str(source.get("sha256", "?"))),
@@ -453,11 +471,10 @@ def bench(
 ) -> None:
     """Measure training and sampling speed of a config on this device."""
     from charlm import bench as benchmark
-    from charlm.config import Config, apply_sets, load_toml, validate
+    from charlm.config import Config, load_toml, validate
 
     cfg = load_toml(config) if config else Config()
-    apply_sets(cfg, _overrides(device=device, precision=precision) + list(set_ or []))
-    validate(cfg)
+    validate(cfg, _apply_options(cfg, list(set_ or []), device=device, precision=precision))
     r = benchmark.run(cfg, steps=steps, sample_length=sample_length)
     m = cfg.model
     out.print(_table(f"charlm bench ({r.device}, {r.precision})", [
@@ -513,7 +530,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("CHARLM_DEBUG"):
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        _error(f"internal error: {type(exc).__name__}: {first} (set CHARLM_DEBUG=1 for the traceback)")
+        _error(f"{internal_error(exc)} (set CHARLM_DEBUG=1 for the traceback)")
         sys.exit(1)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from charlm.cells import NAMES as CELLS
 from charlm.errors import ConfigError
 
-CELLS = ("rnn", "lstm", "gru")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -71,6 +71,8 @@ class TrainConfig:
     # "stop" ends training on a NaN/inf loss keeping the last good checkpoint; "skip" drops
     # the step and goes on.
     on_nan: str = "stop"
+    # Also write TensorBoard event files into the run directory (the tensorboard extra).
+    tensorboard: bool = False
 
 
 @dataclass
@@ -186,6 +188,15 @@ def parse_value(text: str, kind: type) -> Any:
     return text
 
 
+def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
+    """Set the field ``key`` (``section.name``) to a typed ``value``, checked against the
+    field's type; a wrong type is an error naming ``source`` (a command-line option)."""
+    name, _, field_name = key.partition(".")
+    section = _sections(cfg)[name]
+    kind = _field_types(section)[field_name]
+    setattr(section, field_name, _coerce(f"{source} ({key})", value, kind))
+
+
 def apply_sets(cfg: Config, assignments: list[str]) -> None:
     """Apply ``section.key=value`` strings (the ``--set`` option)."""
     sections = _sections(cfg)
@@ -231,27 +242,36 @@ def _number(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-def validate(cfg: Config) -> Config:
-    """Check every field's range and choices; raise ConfigError naming the first bad one."""
+def _problem(key: str, value: Any) -> str | None:
+    """What is wrong with one field's value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key} must be a finite number, got {value}"
+    if key in _CHOICES and value not in _CHOICES[key]:
+        return f"{key} must be one of {', '.join(_CHOICES[key])}; got {value!r}"
+    if key == "model.dropout" and value >= 1.0:
+        return f"model.dropout must be in [0, 1); got {value}"
+    if key in _RANGES:
+        low, high, low_inclusive = _RANGES[key]
+        bad_low = low is not None and (value < low if low_inclusive else value <= low)
+        bad_high = high is not None and value > high
+        if bad_low or bad_high:
+            lo = "-inf" if low is None else _number(low)
+            hi = "inf" if high is None else _number(high)
+            bracket = "[" if low_inclusive else "("
+            return f"{key} must be in {bracket}{lo}, {hi}]; got {value!r}"
+    return None
+
+
+def validate(cfg: Config, sources: dict[str, str] | None = None) -> Config:
+    """Check every field's range and choices; raise ConfigError naming the first bad one,
+    after the command-line option it came from when ``sources`` maps its key to one."""
     for name, section in _sections(cfg).items():
         for f in fields(section):
             key = f"{name}.{f.name}"
-            value = getattr(section, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{key} must be a finite number, got {value}")
-            if key in _CHOICES and value not in _CHOICES[key]:
-                raise ConfigError(f"{key} must be one of {', '.join(_CHOICES[key])}; got {value!r}")
-            if key in _RANGES:
-                low, high, low_inclusive = _RANGES[key]
-                bad_low = low is not None and (value < low if low_inclusive else value <= low)
-                bad_high = high is not None and value > high
-                if bad_low or bad_high:
-                    lo = "-inf" if low is None else _number(low)
-                    hi = "inf" if high is None else _number(high)
-                    bracket = "[" if low_inclusive else "("
-                    raise ConfigError(f"{key} must be in {bracket}{lo}, {hi}]; got {value!r}")
-    if cfg.model.dropout >= 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1); got {cfg.model.dropout}")
+            problem = _problem(key, getattr(section, f.name))
+            if problem is not None:
+                origin = (sources or {}).get(key)
+                raise ConfigError(f"{origin}: {problem}" if origin else problem)
     return cfg
 
 

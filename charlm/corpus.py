@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from charlm.checkpoint import atomic_write
+from charlm.atomic import atomic_write
 from charlm.errors import CharlmError
 
 TINY_SHAKESPEARE_URL = (

@@ -1,5 +1,7 @@
 """Ids on disk, the train/validation split, and the stateful batcher of (x, y) windows.
 
+Over 300 lines: one pipeline stage, from a text's ids on disk to the windows of a batch.
+
 The encoded ids of a text are cached as a raw file keyed by the text's SHA-256 and the
 vocabulary, and memory-mapped, so a second run skips encoding and a large corpus is never
 held in memory more than once.
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charlm.checkpoint import atomic_write_text
+from charlm.atomic import atomic_write_text
 from charlm.errors import CharlmError, DataError
 from charlm.text import Source, iter_text, resolve_source
 from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype

@@ -1,5 +1,7 @@
 """Process-group plumbing for training under ``torchrun`` (DistributedDataParallel).
 
+Over 300 lines: one concept, the process group and its error protocol, which reads best whole.
+
 A plain :class:`Dist` is the single-process case: rank 0 of a world of 1, every collective
 the identity. :func:`from_env` returns a :class:`DDPDist` when torchrun's variables
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) say this process is one of several: NCCL for
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 
 from charlm.device import resolve_device
-from charlm.errors import CharlmError, ConfigError
+from charlm.errors import CharlmError, ConfigError, first_line, internal_error
 
 # Seconds a collective may wait for a stalled process before every other one gives up.
 # Rank 0 writes checkpoints and samples while the others wait, so keep it well above that.
@@ -121,16 +123,11 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
-
-
 def _describe(exc: BaseException) -> tuple[str, int]:
     """(one-line message, exit code) of an error, as the CLI would print it."""
     if isinstance(exc, CharlmError):
         return str(exc), exc.exit_code
-    return f"internal error: {type(exc).__name__}: {_first_line(exc)}", 1
+    return internal_error(exc), 1
 
 
 class DDPDist(Dist):
@@ -153,7 +150,7 @@ class DDPDist(Dist):
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(
                 f"process {rank} could not join the other {world - 1} training process(es): "
-                f"{_first_line(exc)}"
+                f"{first_line(exc)}"
             ) from None
 
     # ----------------------------------------------------------------- device and model
@@ -282,7 +279,7 @@ class DDPDist(Dist):
             self._agree_on_setup_error(exc)
         prefix = "" if self.rank == 0 else f"process {self.rank}: "
         if self._lost_contact(exc):
-            detail = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(exc))[:120]  # no C++ file:line
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc))[:120]  # no C++ file:line
             raise DistributedError(
                 f"{prefix}lost contact with the other training processes: one of them died, or "
                 f"stalled for more than {self.timeout:g} s (--dist-timeout); see its own output "

@@ -19,3 +19,15 @@ class DataError(CharlmError):
 
 class CheckpointError(CharlmError):
     """A checkpoint is missing, damaged, unsafe or does not fit the request."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to one short line (its type's name when it has none), for
+    quoting a library's error inside one of ours."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def internal_error(exc: BaseException) -> str:
+    """How an unexpected exception is reported: its type and the first line of its message."""
+    return f"internal error: {type(exc).__name__}: {first_line(exc)}"

@@ -16,8 +16,7 @@ from charlm.data import as_tensor, eval_windows, load_corpus
 from charlm.device import autocast, resolve_device, resolve_precision
 from charlm.errors import DataError
 from charlm.model import CharRNN
-
-LN2 = math.log(2.0)
+from charlm.units import bits
 
 
 @torch.no_grad()
@@ -79,7 +78,7 @@ class EvalResult:
 
     @property
     def bpc(self) -> float:
-        return self.loss / LN2
+        return bits(self.loss)
 
     @property
     def perplexity(self) -> float:

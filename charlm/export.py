@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from charlm import __version__, checkpoint, onnx_runtime
-from charlm.errors import CharlmError, CheckpointError
+from charlm.cells import state_names
+from charlm.errors import CharlmError, first_line
 from charlm.extras import require
 from charlm.model import CharRNN, state_from_tensors, state_tensors
+from charlm.safetensors_io import SAFETENSORS_FORMAT, SAFETENSORS_VERSION, read_safetensors
 from charlm.vocab import Vocab
 
 SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx"}
-SAFETENSORS_FORMAT = "charlm-safetensors"
-SAFETENSORS_VERSION = 1
 TOLERANCE = 1e-4
 VERIFY_BATCHES = (1, 4)
 # The exporter fixes the batch dimension to 1 when the example has batch 1
@@ -72,34 +72,6 @@ def safetensors_bytes(ckpt: dict[str, Any]) -> bytes:
     return st.save(tensors, metadata=metadata(ckpt, SAFETENSORS_FORMAT, SAFETENSORS_VERSION))
 
 
-def read_safetensors(path: str | Path) -> dict[str, Any]:
-    """A charlm .safetensors file as a checkpoint-shaped dict (config, vocab, model), which
-    :func:`charlm.checkpoint.model_of` and ``vocab_of`` read like a .pt checkpoint."""
-    safetensors = require("safetensors", "export", "reading a .safetensors file")
-    require("safetensors.torch", "export", "reading a .safetensors file")
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"safetensors file not found: {path}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"{path} is damaged or not a safetensors file ({first})") from None
-    version, config, vocab = onnx_runtime.read_metadata(
-        path, meta, SAFETENSORS_FORMAT, SAFETENSORS_VERSION, "safetensors"
-    )
-    return {
-        "format": SAFETENSORS_FORMAT,
-        "format_version": version,
-        "charlm_version": meta.get("charlm_version"),
-        "config": config,
-        "vocab": list(vocab.chars),
-        "model": tensors,
-    }
-
-
 # ----------------------------------------------------------------------------------- ONNX
 class SingleStep(nn.Module):
     """The model for one character: ids (B, 1) and the state tensors (L, B, H) in; logits
@@ -136,7 +108,7 @@ def _shape(value_info) -> list[int | str]:
 def check_onnx_shapes(proto, model: CharRNN) -> None:
     """Refuse a graph whose batch dimension is not symbolic, or whose other dims are wrong."""
     cfg, V = model.cfg, model.vocab_size
-    names = onnx_runtime.state_names(cfg.cell)
+    names = state_names(cfg.cell)
     state_shape = [cfg.num_layers, "B", cfg.hidden_size]
     expected = {"ids": ["B", 1], "logits": ["B", V]}
     expected.update({n: state_shape for n in names})
@@ -166,7 +138,7 @@ def onnx_bytes(ckpt: dict[str, Any], model: CharRNN) -> bytes:
     onnx = require("onnx", "export", "ONNX export")
     require("onnxscript", "export", "ONNX export")  # the exporter's op library
     cfg, V = model.cfg, model.vocab_size
-    names = onnx_runtime.state_names(cfg.cell)
+    names = state_names(cfg.cell)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V, (EXAMPLE_BATCH, 1), generator=g)
     # Distinct tensors: torch.export merges inputs that alias one tensor, which would wire c to h.
@@ -183,14 +155,12 @@ def onnx_bytes(ckpt: dict[str, Any], model: CharRNN) -> bytes:
             proto = program.model_proto
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; all mean "failed"
         cause = exc.__cause__ or exc  # the exporter wraps the error of the step that failed
-        first = (str(cause).strip().splitlines() or [""])[0][:200]
-        raise CharlmError(f"ONNX export failed: {type(cause).__name__}: {first}") from None
+        raise CharlmError(f"ONNX export failed: {type(cause).__name__}: {first_line(cause)}") from None
     check_onnx_shapes(proto, model)
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CharlmError(f"ONNX export produced an invalid model: {first}") from None
+        raise CharlmError(f"ONNX export produced an invalid model: {first_line(exc)}") from None
     for key, value in metadata(ckpt, onnx_runtime.FORMAT, onnx_runtime.FORMAT_VERSION).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -206,7 +176,7 @@ def compare(reference: CharRNN, run: Runner, batches=VERIFY_BATCHES) -> float:
     Returns the largest absolute difference; raises CharlmError naming the first output over
     ``TOLERANCE``."""
     cfg, V = reference.cfg, reference.vocab_size
-    names = ["logits", *onnx_runtime.state_names(cfg.cell)]
+    names = ["logits", *state_names(cfg.cell)]
     worst = 0.0
     for B in batches:
         g = torch.Generator().manual_seed(1000 + B)

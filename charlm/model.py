@@ -12,11 +12,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from charlm.cells import CELLS
 from charlm.config import ModelConfig
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
-_CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+def _layer(cell: str, input_size: int, hidden_size: int, num_layers: int) -> nn.RNNBase:
+    return getattr(nn, CELLS[cell].torch_class)(input_size, hidden_size, num_layers,
+                                                batch_first=True)
+
+
 # nn.RNN/LSTM/GRU parameter names: weight_ih_l0, bias_hh_l1, ...
 _FLAT_NAME = re.compile(r"(?P<kind>(?:weight|bias)_(?:ih|hh))_l(?P<layer>\d+)")
 
@@ -41,7 +46,7 @@ class StackedRNN(nn.Module):
         super().__init__()
         self.cell = cell
         self.layers = nn.ModuleList(
-            _CELLS[cell](input_size if k == 0 else hidden_size, hidden_size, 1, batch_first=True)
+            _layer(cell, input_size if k == 0 else hidden_size, hidden_size, 1)
             for k in range(num_layers)
         )
         self.drop = nn.Dropout(dropout)
@@ -88,7 +93,6 @@ def _layer_names(state_dict, prefix, local_metadata, strict, missing_keys, unexp
         if match:
             state_dict[f"{prefix}layers.{match['layer']}.{match['kind']}_l0"] = state_dict.pop(key)
 
-
 class CharRNN(nn.Module):
     def __init__(self, vocab_size: int, cfg: ModelConfig):
         super().__init__()
@@ -98,17 +102,16 @@ class CharRNN(nn.Module):
             self.rnn = StackedRNN(cfg.cell, cfg.embed_size, cfg.hidden_size, cfg.num_layers,
                                   cfg.dropout)
         else:
-            self.rnn = _CELLS[cfg.cell](
-                cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True
-            )
+            self.rnn = _layer(cfg.cell, cfg.embed_size, cfg.hidden_size, cfg.num_layers)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden_size, vocab_size)
 
     def init_state(self, batch_size: int) -> State:
         """A zero state for ``batch_size`` streams, on the model's device and in its dtype."""
         w = self.head.weight
-        h = w.new_zeros(self.cfg.num_layers, batch_size, self.cfg.hidden_size)
-        return (h, h.clone()) if self.cfg.cell == "lstm" else h
+        zeros = [w.new_zeros(self.cfg.num_layers, batch_size, self.cfg.hidden_size)
+                 for _ in CELLS[self.cfg.cell].states]
+        return state_from_tensors(zeros, self.cfg.cell)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Inputs: ids (B, T) int64; state from :meth:`init_state` or a previous call.
@@ -139,7 +142,11 @@ def state_tensors(state: State) -> list[torch.Tensor]:
 
 
 def state_from_tensors(tensors: list[torch.Tensor], cell: str) -> State:
-    return (tensors[0], tensors[1]) if cell == "lstm" else tensors[0]
+    """The state a cell's layer takes, from its tensors in :data:`charlm.cells.CELLS` order."""
+    count = len(CELLS[cell].states)
+    if len(tensors) != count:
+        raise ValueError(f"a {cell} state is {count} tensor(s), got {len(tensors)}")
+    return tuple(tensors) if count > 1 else tensors[0]
 
 
 def select_state(state: State, rows: torch.Tensor) -> State:

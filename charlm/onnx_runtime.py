@@ -20,19 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from charlm.cells import state_names
 from charlm.config import Config
 from charlm.decoding import start_ids
-from charlm.errors import CharlmError, CheckpointError
+from charlm.errors import CharlmError, CheckpointError, first_line
 from charlm.extras import require
 from charlm.vocab import Vocab
 
 FORMAT = "charlm-onnx-step"
 FORMAT_VERSION = 1
-
-
-def state_names(cell: str) -> list[str]:
-    """Names of the state inputs; the outputs add ``_out``."""
-    return ["h", "c"] if cell == "lstm" else ["h"]
 
 
 @dataclass
@@ -95,8 +91,7 @@ def load(path: str | Path) -> OnnxModel:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     # onnxruntime raises its own exception classes (InvalidProtobuf, Fail, ...) for bad files.
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"{path} is damaged or not an ONNX model ({first})") from None
+        raise CheckpointError(f"{path} is damaged or not an ONNX model ({first_line(exc)})") from None
     meta = session.get_modelmeta().custom_metadata_map
     _, config_dict, vocab = read_metadata(path, meta, FORMAT, FORMAT_VERSION, "ONNX")
     try:

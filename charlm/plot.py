@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charlm.checkpoint import atomic_write
+from charlm.atomic import atomic_write
 from charlm.errors import CharlmError
 from charlm.runs import read_metrics
+from charlm.units import LN2
 
-LN2 = math.log(2.0)
 INSTALL_HINT = 'charlm plot needs matplotlib: pip install "charlm[plot]"'
 
 

@@ -9,14 +9,15 @@ import os
 import pickle
 import tomllib
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from charlm.checkpoint import atomic_write_text
+from charlm.atomic import atomic_write_text
 from charlm.errors import CharlmError
+from charlm.units import bits
 
 RUNS_DIR = Path("runs")
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
@@ -84,6 +85,25 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = -1
+
+
+@contextmanager
+def run_directory(out_dir: Path | None, resuming: bool, stem: str, cell: str, config_text: str,
+                  create: bool = True) -> Iterator[Path]:
+    """The run directory of a training run: ``out_dir``, or a new ``runs/<stem>-<cell>``.
+    Creates it, locks it and writes ``config.toml``; the lock is released on the way out,
+    whatever happens. ``create`` is False for the other processes of a distributed run,
+    which only get the path (rank 0 owns the directory)."""
+    if not create:
+        yield Path(out_dir or ".")
+        return
+    path = open_run_dir(Path(out_dir), resuming) if out_dir is not None else new_run_dir(stem, cell)
+    lock = RunLock(path)
+    try:
+        atomic_write_text(path / "config.toml", config_text)
+        yield path
+    finally:
+        lock.release()
 
 
 class MetricsLog:
@@ -159,7 +179,7 @@ class RunInfo:
 
     @property
     def best_val_bpc(self) -> float | None:
-        return None if self.best_val_loss is None else self.best_val_loss / math.log(2.0)
+        return None if self.best_val_loss is None else bits(self.best_val_loss)
 
     @property
     def chars_per_sec(self) -> float | None:
@@ -173,6 +193,8 @@ def is_run_dir(path: Path) -> bool:
 def _quiet_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     """last.pt (else best.pt) memory-mapped, so only the small values are read from disk;
     None when neither can be read (a listing shows what it can rather than fail)."""
+    import torch  # only here: listing runs and plotting curves do not need it
+
     for name in CHECKPOINT_NAMES:
         path = run_dir / name
         if not path.is_file():

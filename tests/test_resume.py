@@ -120,7 +120,7 @@ def test_exactness_needs_the_restored_random_state(tmp_path, short_text, monkeyp
     reference = one_go(short_text, config("lstm"), tmp_path / "one-go")
     run = tmp_path / "paused"
     train(short_text, config("lstm"), out_dir=run, stop_at_step=13, progress=False)
-    monkeypatch.setattr("charlm.train.set_rng_state", lambda state: None)
+    monkeypatch.setattr("charlm.state.set_rng_state", lambda state: None)
     train(short_text, config("lstm"), out_dir=run, resume=checkpoint.load(run / "last.pt"),
           progress=False)
     resumed = checkpoint.load(run / "last.pt")

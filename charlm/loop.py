@@ -1,0 +1,275 @@
+"""The training loop: :meth:`Loop.fit` reads top to bottom, and each thing it does is one
+method: the stopping rules (:meth:`Loop.stop_reason`), one optimizer step with the NaN guard
+(:meth:`Loop.train_step`), logging, evaluation, the checkpoint policy
+(:meth:`Loop.save_checkpoints`) and samples. Everything the user sees goes to monitors
+(:mod:`charlm.monitors`); what a resume restores lives in :mod:`charlm.state`.
+
+Under torchrun every process runs this loop; the decisions that end it (limits, signals, a
+non-finite loss) are taken by all processes together, and only rank 0 reports and writes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from charlm import checkpoint
+from charlm.config import Config
+from charlm.data import Batcher
+from charlm.distributed import Dist
+from charlm.evaluate import mean_loss
+from charlm.model import CharRNN, detach_state
+from charlm.monitors import Monitor
+from charlm.sample import generate
+from charlm.schedule import lr_at, planned_progress
+from charlm.signals import StopSignals
+from charlm.state import TrainState, snapshot
+from charlm.units import bits
+from charlm.vocab import Vocab
+
+# With train.on_nan = "skip", this many non-finite steps in a row end training anyway: the
+# run has diverged and skipping only burns time.
+MAX_SKIPS_IN_ROW = 20
+
+
+@dataclass
+class Setup:
+    """What the loop works with, made once by :func:`charlm.train.setup` on every process."""
+
+    cfg: Config
+    dist: Dist
+    device: torch.device
+    precision: str
+    source_info: dict[str, Any]  # name, size, sha256 and path of the training text
+    chars: int  # characters of text, training and validation
+    vocab: Vocab
+    val_ids: torch.Tensor
+    batcher: Batcher
+    model: CharRNN
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: Any  # the autocast context of the precision
+    sample_seed: str  # samples continue the start of the training text
+    notes: list[str]
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class Loop:
+    def __init__(self, run: Setup, state: TrainState, run_dir: Path, monitors: Monitor,
+                 resumed: bool, stop_at_step: int = 0):
+        self.run, self.state, self.run_dir, self.monitors = run, state, run_dir, monitors
+        self.tc, self.dist, self.main = run.cfg.train, run.dist, run.dist.rank == 0
+        self.stop_at_step = stop_at_step
+        self.dmodel = run.dist.wrap(run.model)  # DDP under torchrun, else the model itself
+        self.last_train = self.last_val = math.nan
+        self.lr, self.grad_norm, self.now = 0.0, None, 0.0
+        self.skipped = self.skips_in_row = self.nan_step = 0
+        self.saved_step = state.step if resumed else -1
+        # With sample_every not a multiple of eval_every, sample at the first evaluation past
+        # each multiple of it (a plain step % sample_every test would wait for their LCM).
+        self.sampled_at = state.step
+        self.started = time.perf_counter()
+        self.rate_t, self.rate_chars = self.started, state.chars_seen
+
+    def elapsed(self) -> float:
+        return self.state.elapsed + time.perf_counter() - self.started
+
+    def fit(self) -> str:
+        """Train until a limit, a signal, the patience or a non-finite loss stops it; returns
+        why ("max_steps", "max_time", "max_epochs", "stop_at_step", "interrupted",
+        "patience" or "nan")."""
+        s, tc = self.state, self.tc
+        self.run.model.train()
+        with StopSignals(announce=self.main) as signals:
+            while not (stopped := self.stop_reason(signals)):
+                outcome = self.train_step()
+                if outcome == "nan":
+                    stopped = "nan"
+                    break
+                if outcome == "skipped":
+                    continue
+                if s.step % tc.log_every == 0:
+                    self.log()
+                if s.step % tc.eval_every == 0:
+                    if not self.evaluate_and_save():
+                        stopped = "nan"
+                        break
+                    self.sample()
+                    if tc.patience and s.evals_since_best >= tc.patience:
+                        stopped = "patience"
+                        break
+        return self.finish(stopped)
+
+    def stop_reason(self, signals: StopSignals) -> str:
+        """The stopping rules, checked before every step: why to stop, or "" to go on."""
+        tc, s, dist = self.tc, self.state, self.dist
+        # Clocks differ between processes: they follow rank 0's, so that all stop at the
+        # same step and use the same learning rate.
+        self.now = dist.agree(self.elapsed()) if tc.max_time else self.elapsed()
+        if tc.max_steps and s.step >= tc.max_steps:
+            return "max_steps"
+        if tc.max_time and self.now >= tc.max_time:
+            return "max_time"
+        if tc.max_epochs and self.run.batcher.progress >= tc.max_epochs:
+            return "max_epochs"
+        if self.stop_at_step and s.step >= self.stop_at_step:
+            return "stop_at_step"
+        if dist.any(signals.signum != 0):
+            return "interrupted"
+        return ""
+
+    def train_step(self) -> str:
+        """One optimizer step on the next batch; returns "ok", "skipped" or "nan"."""
+        run, s, tc, dist = self.run, self.state, self.tc, self.dist
+        B, T = tc.batch_size, tc.seq_len
+        if run.batcher.new_epoch or s.carried is None:
+            s.carried = run.model.init_state(B)
+        x, y = run.batcher.next()  # (B, T)
+        self.lr = lr_at(s.step, planned_progress(s.step, self.now, run.batcher.progress, tc), tc)
+        for group in run.optimizer.param_groups:
+            group["lr"] = self.lr
+        with run.amp:
+            logits, new_state = self.dmodel(x, s.carried)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(
+            run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
+        )
+        check_now = run.device.type == "cpu" or tc.on_nan == "skip" or (s.step + 1) % tc.log_every == 0
+        # Both are >= 0, so the sum is finite exactly when both are. Under fp16 the scaler
+        # itself skips steps with inf gradients, so only the loss is watched there.
+        watched = loss.detach() if run.scaler.is_enabled() else loss.detach() + self.grad_norm.detach()
+        if check_now and not dist.all_finite(watched):
+            return self.skip_or_stop()
+        self.skips_in_row = 0
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        s.carried = detach_state(new_state)
+        s.step += 1
+        s.chars_seen += B * T * dist.world
+        s.loss_sum += loss.detach()
+        s.loss_count += 1
+        self.monitors.on_step(s.step)
+        return "ok"
+
+    def skip_or_stop(self) -> str:
+        """The NaN guard, after a non-finite loss or gradient: drop the step (train.on_nan =
+        "skip", while the weights are finite) or stop."""
+        s, tc = self.state, self.tc
+        self.skips_in_row += 1
+        if (tc.on_nan == "skip" and self.skips_in_row <= MAX_SKIPS_IN_ROW
+                and weights_finite(self.run.model)):
+            self.run.optimizer.zero_grad(set_to_none=True)
+            s.carried = None  # the new state may hold NaN: restart the streams from zero
+            self.skipped += 1
+            self.monitors.on_note(f"skipped a non-finite loss at step {s.step + 1}")
+            s.step += 1
+            return "skipped"
+        self.nan_step = s.step + 1
+        return "nan"
+
+    def log(self) -> None:
+        """The mean training loss of the interval (over all processes) and the speed."""
+        s = self.state
+        self.last_train = float(self.dist.mean(s.loss_sum / s.loss_count))
+        now = time.perf_counter()
+        rate = (s.chars_seen - self.rate_chars) / max(now - self.rate_t, 1e-9)
+        self.rate_t, self.rate_chars = now, s.chars_seen
+        s.loss_sum.zero_()
+        s.loss_count = 0
+        if self.main:
+            self.monitors.on_train_log({
+                "kind": "train", "step": s.step, "epoch": round(self.run.batcher.progress, 6),
+                "chars": s.chars_seen, "lr": self.lr, "loss": self.last_train,
+                "bpc": bits(self.last_train), "grad_norm": float(self.grad_norm),
+                "elapsed": round(self.elapsed(), 3), "chars_per_sec": round(rate, 1),
+            })
+
+    def evaluate_and_save(self) -> bool:
+        """Evaluate on the whole validation split and write the checkpoints; False (nothing
+        written) when the loss is not finite, so diverged weights never replace the last
+        good checkpoint."""
+        run, s, tc, dist = self.run, self.state, self.tc, self.dist
+        self.last_val = mean_loss(run.model, run.val_ids, tc.eval_streams, tc.eval_seq_len,
+                                  run.amp, dist.rank, dist.world, dist.all_reduce_sum)
+        if not math.isfinite(self.last_val):
+            self.nan_step = s.step
+            return False
+        improved = self.last_val < s.best_val_loss
+        if improved:
+            s.best_val_loss, s.evals_since_best = self.last_val, 0
+        else:
+            s.evals_since_best += 1
+        if self.main:
+            self.monitors.on_eval({
+                "kind": "eval", "step": s.step, "epoch": round(run.batcher.progress, 6),
+                "chars": s.chars_seen, "val_loss": self.last_val, "val_bpc": bits(self.last_val),
+                "best": improved, "elapsed": round(self.elapsed(), 3),
+            })
+        self.save_checkpoints(evaluated=True, improved=improved)
+        return True
+
+    def save_checkpoints(self, evaluated: bool, improved: bool = False) -> None:
+        """The checkpoint policy. After an evaluation: best.pt when the validation loss
+        improved, then last.pt, then step-NNNNNNNN.pt keeping the newest train.keep_last.
+        At a pause or an interrupt between evaluations: last.pt only. Every process takes
+        part in the snapshot; rank 0 writes, each file atomically."""
+        run, step, keep = self.run, self.state.step, self.tc.keep_last if evaluated else 0
+        ckpt = checkpoint.make_checkpoint(
+            run.model, run.cfg, run.vocab, optimizer=run.optimizer.state_dict(),
+            train_file=run.source_info,
+            train_state=snapshot(self.state, run.batcher, run.model, self.dist, self.elapsed()),
+        )
+        self.saved_step = step
+        if not self.main:
+            return
+        names = ["best.pt"] * improved + ["last.pt"] + [f"step-{step:08d}.pt"] * bool(keep)
+        for name in names:
+            checkpoint.save(self.run_dir / name, ckpt)
+        if keep:
+            for old in sorted(self.run_dir.glob("step-*.pt"))[:-keep]:
+                old.unlink(missing_ok=True)
+        self.monitors.on_saved(step, names)
+
+    def sample(self) -> None:
+        """After an evaluation, when train.sample_every says so: the model's continuation of
+        the start of the training text, with the run's seed (so samples are comparable)."""
+        run, tc, step = self.run, self.tc, self.state.step
+        due = not tc.sample_every or step // tc.sample_every > self.sampled_at // tc.sample_every
+        if not (self.main and tc.sample_chars and due):
+            return
+        self.sampled_at = step
+        text = generate(run.model.eval(), run.vocab, run.vocab.encode(run.sample_seed).tolist(),
+                        tc.sample_chars, temperature=0.8, random_seed=tc.seed)[0]
+        run.model.train()
+        self.monitors.on_sample(step, self.last_val, run.sample_seed + text)
+
+    def finish(self, stopped: str) -> str:
+        """After the loop: last.pt (and best.pt) describe the end of training, unless it
+        diverged. Returns why training stopped ("nan" if the final weights are not finite)."""
+        s, notes = self.state, self.run.notes
+        if stopped == "patience":
+            evals = "1 evaluation" if self.tc.patience == 1 else f"{self.tc.patience} evaluations"
+            notes.append(f"early stopping: no new best in {evals}")
+        if self.skipped:
+            notes.append(f"skipped {self.skipped:,} step(s) with a non-finite loss (train.on_nan=skip)")
+        if self.saved_step == s.step or stopped == "nan":
+            return stopped
+        if stopped not in ("interrupted", "stop_at_step"):
+            return stopped if self.evaluate_and_save() else "nan"
+        if not weights_finite(self.run.model):
+            self.nan_step = s.step
+            return "nan"
+        self.save_checkpoints(evaluated=False)
+        return stopped
