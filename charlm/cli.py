@@ -59,7 +59,7 @@ def _overrides(**options) -> list[str]:
 def train(
     file: Annotated[Path | None, typer.Argument(
         help="UTF-8 text file, or a directory of *.txt files. Default: tiny Shakespeare "
-        "(downloaded once), or the file a resumed run was trained on.")] = None,
+        "(shipped with charlm), or the file a resumed run was trained on.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config, e.g. configs/cpu.toml.")] = None,
     cell: Annotated[str | None, typer.Option(help="rnn, lstm or gru.")] = None,
     hidden_size: Annotated[int | None, typer.Option()] = None,
@@ -367,19 +367,6 @@ def export(
         ("size", f"{r.size:,} bytes"),
         ("verified", f"batch {batches}: max |diff| from PyTorch {r.max_diff:.1e} (< {TOLERANCE:g})"),
     ]))
-
-
-@app.command()
-def download(
-    url: Annotated[str | None, typer.Option(help="Mirror address of tiny Shakespeare.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Where to save it.")] = None,
-) -> None:
-    """Download tiny Shakespeare (checksum-verified)."""
-    from charlm.corpus import TINY_SHAKESPEARE_URL
-    from charlm.corpus import download as fetch
-
-    path = fetch(url or os.environ.get("CHARLM_CORPUS_URL") or TINY_SHAKESPEARE_URL, output)
-    out.print(str(path))
 
 
 # ---------------------------------------------------------------------------- plot / runs

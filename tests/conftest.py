@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from charlm.corpus import tiny_shakespeare
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.toml"
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = tiny_shakespeare()  # the copy shipped inside the package
 
 SAMPLE_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -26,11 +28,9 @@ SAMPLE_TEXT = (
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own id cache and data directory, and no network corpus."""
+    """Every test gets its own id cache."""
     root = tmp_path_factory.mktemp("charlm-home")
     monkeypatch.setenv("CHARLM_CACHE_DIR", str(root / "cache"))
-    monkeypatch.setenv("CHARLM_DATA_DIR", str(root / "data"))
-    monkeypatch.setenv("CHARLM_CORPUS_URL", "http://127.0.0.1:9/unreachable")
 
 
 @pytest.fixture
@@ -61,6 +61,17 @@ def run_charlm(*args, cwd=None, env=None, timeout=120, input=None) -> subprocess
     return subprocess.run(
         [*charlm_exe(), *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
         text=True, timeout=timeout, input=input,
+    )
+
+
+def run_charlm_with(prelude: str, *args, cwd=None, env=None, timeout=120):
+    """Run charlm's ``main`` in a fresh Python after ``prelude`` (code that changes the
+    interpreter first: blocks the network, hides a module); returns the completed process."""
+    code = f"{prelude}\nfrom charlm.cli import main\nmain()"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
     )
 
 
