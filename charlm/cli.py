@@ -41,6 +41,21 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from charlm import __version__
+
+        out.print(f"charlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export."""
+
+
 # ---------------------------------------------------------------------------------- train
 def _overrides(**options) -> list[str]:
     """Named options as ``section.key=value`` strings (only those given)."""
@@ -74,7 +89,7 @@ def train(
     max_epochs: Annotated[float | None, typer.Option(help="Stop after this many epochs.")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     encoding: Annotated[str | None, typer.Option(help="Text encoding of FILE.")] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after K evaluations without a new best.")] = None,
@@ -237,7 +252,7 @@ def sample(
     num_samples: Annotated[int, typer.Option(help="Independent samples, generated as one batch.")] = 1,
     random_seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
     drop_unknown: Annotated[bool, typer.Option(help="Drop seed characters outside the vocabulary.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
 ) -> None:
     """Generate text from a seed string."""
     from charlm.decoding import check_options, seed_ids
@@ -302,7 +317,7 @@ def _reader_gone() -> None:
 def eval_(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
     file: Annotated[Path, typer.Argument(help="Text file to evaluate on.")],
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     encoding: Annotated[str, typer.Option(help="Text encoding of FILE.")] = "utf-8",
 ) -> None:
     """Loss of a checkpoint over a whole text file."""
@@ -433,7 +448,7 @@ def runs(
 def bench(
     config: Annotated[Path | None, typer.Option(help="TOML config whose model and batch to measure.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any field: section.key=value.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     steps: Annotated[int, typer.Option(min=2, max=100_000, help="Training steps to time.")] = 30,
     sample_length: Annotated[int, typer.Option(min=10, max=10_000_000, help="Characters per sampling run.")] = 2000,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from charlm.checkpoint import atomic_write_text
 from charlm.errors import CharlmError
@@ -58,32 +58,28 @@ def open_run_dir(path: Path, resuming: bool) -> Path:
 
 
 class RunLock:
-    """An exclusive lock on a run directory, released when the process ends in any way."""
+    """An exclusive lock on a run directory, released when the process ends in any way.
+
+    filelock takes the operating system's lock (flock on POSIX, LockFileEx on Windows), so this
+    module imports nothing POSIX-only and a killed process never leaves the run locked."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
+        self.lock = FileLock(self.path, timeout=0)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise CharlmError(f"run directory {run_dir} is not writable: {exc.strerror}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
+            self.lock.acquire()
+        except Timeout:
             raise CharlmError(
                 f"another charlm train is already using {run_dir}; wait for it or use another --out"
             ) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            raise CharlmError(f"run directory {run_dir} is not writable: {exc.strerror}") from None
         # Temporary files left by a process that was killed while writing.
         for stale in run_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
 
     def release(self) -> None:
-        if self.fd >= 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = -1
+        self.lock.release()
 
 
 class MetricsLog:

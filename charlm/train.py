@@ -166,7 +166,7 @@ def train(
     validate(cfg)
     dist = dist or Dist()
     tc = cfg.train
-    device = dist.pick_device(tc.device)
+    device = dist.pick_device(tc.device, cfg.model.cell)
     precision = resolve_precision(tc.precision, device)
     if device.type == "cpu":
         # Processes sharing a machine share its cores.
