@@ -12,7 +12,7 @@ import copy
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,10 @@ class BenchResult:
     @property
     def peak_fraction(self) -> float:
         return self.model_gflops / self.matmul_gflops
+
+    def to_dict(self) -> dict:
+        """The measurements of ``charlm bench --json``."""
+        return {**asdict(self), "peak_fraction": self.peak_fraction}
 
 
 def _sync(device: torch.device) -> None:

@@ -9,7 +9,6 @@ import torch
 
 from charlm.errors import ConfigError
 
-
 # nn.GRU gives NaNs on MPS (pytorch/pytorch#94691, open), so ``auto`` keeps it on the CPU.
 MPS_CELLS = ("lstm", "rnn")
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"

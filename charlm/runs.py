@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import tomllib
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,15 @@ class RunInfo:
     @property
     def chars_per_sec(self) -> float | None:
         return self.chars_seen / self.elapsed if self.elapsed > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """One run of ``charlm runs --json`` (``modified``: ISO 8601, UTC)."""
+        record = asdict(self)
+        record.update(
+            path=str(self.path), best_val_bpc=self.best_val_bpc, chars_per_sec=self.chars_per_sec,
+            modified=datetime.fromtimestamp(self.modified, UTC).isoformat(timespec="seconds"),
+        )
+        return record
 
 
 def is_run_dir(path: Path) -> bool:

@@ -518,3 +518,16 @@ def _save_eval_checkpoints(ckpt, run_dir: Path, improved: bool, step: int, keep_
         checkpoint.save(run_dir / f"step-{step:08d}.pt", ckpt)
         for old in sorted(run_dir.glob("step-*.pt"))[:-keep_last]:
             old.unlink(missing_ok=True)
+
+
+def _callable_module() -> None:
+    """``charlm.train`` names this module and also the Python API's
+    ``charlm.train(path, **overrides)`` (charlm/api.py): the module object is made callable."""
+    import sys
+
+    from charlm.api import TrainModule
+
+    sys.modules[__name__].__class__ = TrainModule
+
+
+_callable_module()
