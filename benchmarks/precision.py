@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 
 from charlm.config import load_toml
+from charlm.corpus import tiny_shakespeare
 from charlm.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+CORPUS = tiny_shakespeare()  # the copy shipped with charlm
 
 
 def main() -> None:

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from charlm.corpus import tiny_shakespeare
+
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+CORPUS = tiny_shakespeare()  # the copy shipped with charlm
 
 
 def run_charlm(config: Path, seconds: float, out: Path, extra: list[str]) -> dict:
@@ -58,8 +60,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="keep the run directory here")
     ap.add_argument("--set", action="append", default=[], help="extra --set for charlm")
     args = ap.parse_args()
-    if not CORPUS.exists():
-        sys.exit(f"tiny Shakespeare not found at {CORPUS}")
     extra = [x for s in args.set for x in ("--set", s)]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "run"

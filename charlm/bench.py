@@ -12,7 +12,7 @@ import copy
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +46,16 @@ class BenchResult:
     def peak_fraction(self) -> float:
         return self.model_gflops / self.matmul_gflops
 
+    def to_dict(self) -> dict:
+        """The measurements of ``charlm bench --json``."""
+        return {**asdict(self), "peak_fraction": self.peak_fraction}
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def matmul_gflops(device: torch.device, precision: str, n: int = 2048, seconds: float = 1.0) -> float:
@@ -122,7 +128,7 @@ def sample_speed(model, vocab: Vocab, streams: int, length: int) -> float:
 
 
 def run(cfg: Config, steps: int = 30, sample_length: int = 2000, sample_batch: int = 64) -> BenchResult:
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, cfg.model.cell)
     precision = resolve_precision(cfg.train.precision, device)
     threads = set_threads(cfg.train.threads) if device.type == "cpu" else 0
     vocab = Vocab(tuple(sorted(set(synthetic_text(10_000)))))

@@ -22,6 +22,7 @@ from charlm.atomic import atomic_write, atomic_write_text  # noqa: F401 - re-exp
 from charlm.config import SHAPE_FIELDS, Config
 from charlm.errors import CharlmError, CheckpointError, first_line
 from charlm.model import CharRNN, build_model
+from charlm.units import bits
 from charlm.vocab import Vocab
 
 FORMAT = "charlm-checkpoint"
@@ -164,6 +165,29 @@ def read(path: str | Path) -> dict[str, Any]:
             f"{path} is an ONNX export, which only `charlm sample` reads; use the .pt checkpoint"
         )
     return load(path)
+
+
+def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What ``charlm info`` shows about a checkpoint read by :func:`read`, as plain values
+    (None where the file does not say: an export has no training state)."""
+    cfg = config_of(ckpt)
+    ts = ckpt.get("train_state") if isinstance(ckpt.get("train_state"), dict) else {}
+    source = ckpt.get("train_file") if isinstance(ckpt.get("train_file"), dict) else {}
+    best = ts.get("best_val_loss")
+    return {
+        "cell": cfg.model.cell, "embed_size": cfg.model.embed_size,
+        "hidden_size": cfg.model.hidden_size, "num_layers": cfg.model.num_layers,
+        "dropout": cfg.model.dropout,
+        "parameters": sum(t.numel() for t in ckpt["model"].values()),
+        "vocab_size": len(ckpt["vocab"]),
+        "steps": ts.get("step"), "epochs": ts.get("epoch"), "elapsed": ts.get("elapsed"),
+        "best_val_loss": best,
+        "best_val_bpc": bits(best) if isinstance(best, int | float) else None,
+        "train_file": {key: source.get(key) for key in ("name", "size", "sha256")},
+        "format_version": ckpt.get("format_version"),
+        "charlm_version": ckpt.get("charlm_version"), "torch_version": ckpt.get("torch_version"),
+        "config": cfg.to_dict(),
+    }
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[CharRNN, Vocab]:

@@ -37,11 +37,61 @@ def _error(message: str) -> None:
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(no_wrap=True)
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _print_table(console: Console, table: Table) -> None:
+    """Print ``table`` with every cell on one line: when it is wider than the terminal it is
+    rendered at its own width (the terminal may wrap the long lines, but a run name or a path
+    is never cut or folded, so ``charlm runs | grep NAME`` finds it)."""
+    from rich.cells import cell_len
+    from rich.measure import Measurement
+
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    width = max(natural, cell_len(str(table.title or "")))
+    if width > console.width:
+        console = Console(file=console.file, width=width, highlight=False,
+                          color_system=console.color_system, force_terminal=console.is_terminal)
+    console.print(table)
+
+
+def _print_json(document: dict) -> None:
+    """One JSON document on stdout; NaN and infinity (no value yet) become null."""
+    import json
+    import math
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    sys.stdout.write(json.dumps(clean(document), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+JSON_OPTION = typer.Option("--json", help="Print one JSON document (fields: see README) instead of a table.")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from charlm import __version__
+
+        out.print(f"charlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export."""
 
 
 # ---------------------------------------------------------------------------------- train
@@ -75,7 +125,7 @@ def _apply_options(cfg, sets: list[str], **options) -> dict[str, str]:
 def train(
     file: Annotated[Path | None, typer.Argument(
         help="UTF-8 text file, or a directory of *.txt files. Default: tiny Shakespeare "
-        "(downloaded once), or the file a resumed run was trained on.")] = None,
+        "(shipped with charlm), or the file a resumed run was trained on.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config, e.g. configs/cpu.toml.")] = None,
     cell: Annotated[str | None, typer.Option(help=f"{CELL_CHOICES}.")] = None,
     hidden_size: Annotated[int | None, typer.Option()] = None,
@@ -90,7 +140,7 @@ def train(
     max_epochs: Annotated[float | None, typer.Option(help="Stop after this many epochs.")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     encoding: Annotated[str | None, typer.Option(help="Text encoding of FILE.")] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after K evaluations without a new best.")] = None,
@@ -211,7 +261,7 @@ def _print_summary(r) -> None:
         ("vocabulary", f"{r.vocab_size:,} characters"),
         ("device", f"{r.device} ({r.precision})"),
     ] + [("note", note) for note in r.notes]
-    err.print(_table("charlm train", rows))
+    _print_table(err, _table("charlm train", rows))
 
 
 def _print_loss_curve(run_dir: Path) -> None:
@@ -254,10 +304,11 @@ def sample(
     num_samples: Annotated[int, typer.Option(help="Independent samples, generated as one batch.")] = 1,
     random_seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
     drop_unknown: Annotated[bool, typer.Option(help="Drop seed characters outside the vocabulary.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
 ) -> None:
     """Generate text from a seed string."""
-    from charlm.decoding import check_options, seed_ids
+    from charlm.api import load
+    from charlm.decoding import check_options
 
     check_options(length, temperature, top_k, top_p, num_samples, random_seed)
     if checkpoint_path is None:
@@ -265,37 +316,24 @@ def sample(
 
         checkpoint_path = latest_checkpoint()
         err.print(f"using {checkpoint_path}", style="dim")
-    if checkpoint_path.suffix.lower() == ".onnx":
-        # onnxruntime and numpy only: this path never imports torch.
-        from charlm import onnx_runtime
-
-        if device not in ("cpu", "auto"):
-            raise CharlmError("an ONNX model runs on the CPU with onnxruntime; drop --device")
-        model = onnx_runtime.load(checkpoint_path)
-        vocab, generate = model.vocab, onnx_runtime.generate
-    else:
-        from charlm.checkpoint import load_model
-        from charlm.device import resolve_device
-        from charlm.sample import generate
-
-        model, vocab = load_model(checkpoint_path, resolve_device(device))
-    ids = seed_ids(vocab, seed, drop_unknown)
-    if drop_unknown and len(ids) != len(seed):
-        dropped = len(seed) - len(ids)
+    model = load(checkpoint_path, device)
+    shown = model.seed_text(seed, drop_unknown)  # what the model continues from
+    if drop_unknown and len(shown) != len(seed):
+        dropped = len(seed) - len(shown)
         err.print(f"dropped {dropped} seed character{'s' * (dropped != 1)} outside the vocabulary")
-        seed = vocab.decode(ids)  # what the model continues from
+    seed = shown
     stream = num_samples == 1
 
     def on_step(new_ids: list[int]) -> None:
-        sys.stdout.write(vocab.chars[new_ids[0]])
+        sys.stdout.write(model.vocab.chars[new_ids[0]])
         sys.stdout.flush()
 
     try:
         if stream:
             sys.stdout.write(seed)
             sys.stdout.flush()
-        texts = generate(model, vocab, ids, length, temperature, top_k, top_p, num_samples,
-                         random_seed, on_step if stream else None)
+        texts = model.generate(seed, length, temperature, top_k, top_p, num_samples, random_seed,
+                               include_seed=False, on_step=on_step if stream else None)
         if stream:
             sys.stdout.write("\n")
         else:
@@ -319,14 +357,20 @@ def _reader_gone() -> None:
 def eval_(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
     file: Annotated[Path, typer.Argument(help="Text file to evaluate on.")],
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     encoding: Annotated[str, typer.Option(help="Text encoding of FILE.")] = "utf-8",
+    as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Loss of a checkpoint over a whole text file."""
-    from charlm.evaluate import evaluate_file
+    from charlm.api import load
 
-    r = evaluate_file(checkpoint_path, file, device=device, encoding=encoding)
-    out.print(_table(f"charlm eval {file}", [
+    r = load(checkpoint_path, device).evaluate(file, encoding=encoding)
+    if as_json:
+        _print_json({"checkpoint": str(checkpoint_path), "file": str(file), **r.to_dict()})
+        return
+    _print_table(out, _table("charlm eval", [
+        ("checkpoint", str(checkpoint_path)),
+        ("text", str(file)),
         ("loss", f"{r.loss:.4f} nats/char"),
         ("bits per char", f"{r.bpc:.4f}"),
         ("perplexity", f"{r.perplexity:.3f}"),
@@ -336,34 +380,38 @@ def eval_(
 
 
 @app.command()
-def info(checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")]) -> None:
+def info(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
     """Describe a checkpoint."""
-    import math
-
     from charlm import checkpoint
-    from charlm.units import bits
 
-    ckpt = checkpoint.read(checkpoint_path)
-    cfg = checkpoint.config_of(ckpt)
-    ts = ckpt.get("train_state", {})
-    source = ckpt.get("train_file", {})
-    params = sum(t.numel() for t in ckpt["model"].values())
-    best = ts.get("best_val_loss", math.nan)
-    out.print(_table(str(checkpoint_path), [
-        ("cell", cfg.model.cell),
-        ("embedding / hidden / layers",
-         f"{cfg.model.embed_size} / {cfg.model.hidden_size} / {cfg.model.num_layers}"),
-        ("dropout", f"{cfg.model.dropout:g}"),
-        ("parameters", f"{params:,}"),
-        ("vocabulary", f"{len(ckpt['vocab']):,} characters"),
-        ("steps", f"{ts.get('step', 0):,}"),
-        ("epochs", f"{ts.get('epoch', 0):.2f}"),
-        ("best val loss", f"{best:.4f} nats ({bits(best):.4f} bits/char)"),
-        ("training time", f"{ts.get('elapsed', 0):,.1f} s"),
-        ("training file", f"{source.get('name', '?')} ({source.get('size', 0):,} bytes)"),
-        ("file sha256", str(source.get("sha256", "?"))),
+    d = checkpoint.describe(checkpoint.read(checkpoint_path))
+    if as_json:
+        _print_json({"checkpoint": str(checkpoint_path), **d})
+        return
+
+    def number(value, spec: str) -> str:
+        return "?" if value is None else format(value, spec)
+
+    source = d["train_file"]
+    best = d["best_val_loss"]
+    _print_table(out, _table("charlm info", [
+        ("checkpoint", str(checkpoint_path)),
+        ("cell", d["cell"]),
+        ("embedding / hidden / layers", f"{d['embed_size']} / {d['hidden_size']} / {d['num_layers']}"),
+        ("dropout", f"{d['dropout']:g}"),
+        ("parameters", f"{d['parameters']:,}"),
+        ("vocabulary", f"{d['vocab_size']:,} characters"),
+        ("steps", number(d["steps"], ",")),
+        ("epochs", number(d["epochs"], ".2f")),
+        ("best val loss", "?" if best is None else f"{best:.4f} nats ({d['best_val_bpc']:.4f} bits/char)"),
+        ("training time", "?" if d["elapsed"] is None else f"{d['elapsed']:,.1f} s"),
+        ("training file", f"{source['name'] or '?'} ({number(source['size'], ',')} bytes)"),
+        ("file sha256", str(source["sha256"] or "?")),
         ("format / charlm / torch",
-         f"{ckpt['format_version']} / {ckpt.get('charlm_version')} / {ckpt.get('torch_version')}"),
+         f"{d['format_version']} / {d['charlm_version']} / {d['torch_version']}"),
     ]))
 
 
@@ -379,25 +427,12 @@ def export(
 
     r = export_checkpoint(checkpoint_path, format_, output, force)
     batches = " and ".join(str(b) for b in r.batches)
-    out.print(_table("charlm export", [
+    _print_table(out, _table("charlm export", [
         ("file", str(r.path)),
         ("format", f"{r.format} ({r.cell})"),
         ("size", f"{r.size:,} bytes"),
         ("verified", f"batch {batches}: max |diff| from PyTorch {r.max_diff:.1e} (< {TOLERANCE:g})"),
     ]))
-
-
-@app.command()
-def download(
-    url: Annotated[str | None, typer.Option(help="Mirror address of tiny Shakespeare.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Where to save it.")] = None,
-) -> None:
-    """Download tiny Shakespeare (checksum-verified)."""
-    from charlm.corpus import TINY_SHAKESPEARE_URL
-    from charlm.corpus import download as fetch
-
-    path = fetch(url or os.environ.get("CHARLM_CORPUS_URL") or TINY_SHAKESPEARE_URL, output)
-    out.print(str(path))
 
 
 # ---------------------------------------------------------------------------- plot / runs
@@ -429,6 +464,7 @@ def _duration(seconds: float) -> str:
 @app.command()
 def runs(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Folder of run directories.")] = Path("runs"),
+    as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """List the runs in DIR (default runs/), best validation loss first."""
     from datetime import datetime
@@ -436,17 +472,20 @@ def runs(
     from charlm.runs import list_runs
 
     found = list_runs(directory)
+    if as_json:
+        _print_json({"directory": str(directory), "runs": [r.to_dict() for r in found]})
+        return
     if not found:
         out.print(f"no runs in {directory} yet; start one with: charlm train")
         return
-    # A light box, and no padding on narrow terminals, so nine columns fit in 80; only the
-    # run name may fold onto several lines, numbers and dates stay whole.
+    # A light box, and no padding on narrow terminals; no cell ever wraps: a table wider than
+    # the terminal is printed whole (see _print_table).
     table = Table(title=f"runs in {directory}, best validation loss first", title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   padding=(0, 1) if out.width >= 100 else (0, 0))
-    table.add_column("run", overflow="fold")
-    for name in ("cell", "size", "steps", "val loss", "bits/char", "chars/s", "time", "date"):
-        table.add_column(name, justify="left" if name in ("cell", "date") else "right", no_wrap=True)
+    for name in ("run", "cell", "size", "steps", "val loss", "bits/char", "chars/s", "time", "date"):
+        table.add_column(name, justify="left" if name in ("run", "cell", "date") else "right",
+                         no_wrap=True)
     for r in found:
         size = "?" if r.hidden_size is None else f"{r.hidden_size}x{r.num_layers or '?'}"
         table.add_row(
@@ -457,17 +496,18 @@ def runs(
             _duration(r.elapsed) if r.elapsed > 0 else "-",
             datetime.fromtimestamp(r.modified).strftime("%Y-%m-%d %H:%M"),
         )
-    out.print(table)
+    _print_table(out, table)
 
 
 @app.command()
 def bench(
     config: Annotated[Path | None, typer.Option(help="TOML config whose model and batch to measure.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any field: section.key=value.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     steps: Annotated[int, typer.Option(min=2, max=100_000, help="Training steps to time.")] = 30,
     sample_length: Annotated[int, typer.Option(min=10, max=10_000_000, help="Characters per sampling run.")] = 2000,
+    as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Measure training and sampling speed of a config on this device."""
     from charlm import bench as benchmark
@@ -477,7 +517,11 @@ def bench(
     validate(cfg, _apply_options(cfg, list(set_ or []), device=device, precision=precision))
     r = benchmark.run(cfg, steps=steps, sample_length=sample_length)
     m = cfg.model
-    out.print(_table(f"charlm bench ({r.device}, {r.precision})", [
+    if as_json:
+        _print_json({**r.to_dict(), "model": cfg.to_dict()["model"],
+                     "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len})
+        return
+    _print_table(out, _table(f"charlm bench ({r.device}, {r.precision})", [
         ("model", f"{m.cell} {m.hidden_size} x {m.num_layers}, embedding {m.embed_size}, "
                   f"{r.params:,} parameters"),
         ("batch x window", f"{cfg.train.batch_size} x {cfg.train.seq_len}"),

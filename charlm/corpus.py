@@ -1,16 +1,14 @@
-"""The default corpus: tiny Shakespeare, fetched from karpathy/char-rnn and checksum-verified."""
+"""The default corpus: tiny Shakespeare, shipped inside the package, so ``charlm train`` with no
+FILE works offline, from any directory, in an editable checkout and in an installed wheel."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import urllib.error
-import urllib.request
+from importlib import resources
 from pathlib import Path
 
-from charlm.atomic import atomic_write
 from charlm.errors import CharlmError
 
+# Where the bundled copy comes from (karpathy/char-rnn), for the record; charlm never fetches it.
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
@@ -18,54 +16,19 @@ TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca
 TINY_SHAKESPEARE_SIZE = 1_115_394
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("CHARLM_DATA_DIR") or Path.home() / ".cache" / "charlm" / "data")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download(
-    url: str = TINY_SHAKESPEARE_URL,
-    dest: Path | None = None,
-    sha256: str | None = TINY_SHAKESPEARE_SHA256,
-    timeout: float = 30.0,
-) -> Path:
-    """Download ``url`` to ``dest`` (atomically), checking its SHA-256 when given.
-
-    A file already at ``dest`` with the right checksum is kept and not downloaded again.
-    """
-    dest = dest or data_dir() / "tinyshakespeare.txt"
-    if dest.is_file() and (sha256 is None or sha256_of(dest) == sha256):
-        return dest
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            body = response.read()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
+def tiny_shakespeare() -> Path:
+    """The path of the bundled tiny Shakespeare (package data ``charlm/corpora``)."""
+    ref = resources.files("charlm") / "corpora" / "tinyshakespeare.txt"
+    # pip installs packages as plain files, so the resource is a real path; a zipped install
+    # would need a copy, which no supported install produces.
+    if not isinstance(ref, Path) or not ref.is_file():
         raise CharlmError(
-            f"could not download {url} ({reason}); check the network, "
-            "or pass a text file to train on"
-        ) from None
-    got = hashlib.sha256(body).hexdigest()
-    if sha256 is not None and got != sha256:
-        raise CharlmError(
-            f"download from {url} has checksum {got[:16]}..., expected {sha256[:16]}...; "
-            "not saved"
+            f"the bundled tiny Shakespeare is missing from this installation ({ref}); "
+            "reinstall charlm, or pass a text file to train on"
         )
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CharlmError(f"cannot create {dest.parent}: {exc.strerror}") from None
-    atomic_write(dest, lambda f: f.write(body))
-    return dest
+    return ref
 
 
 def default_corpus() -> Path:
-    """Tiny Shakespeare, downloaded on first use (``CHARLM_CORPUS_URL`` names a mirror)."""
-    return download(os.environ.get("CHARLM_CORPUS_URL") or TINY_SHAKESPEARE_URL)
+    """What ``charlm train`` trains on when given no FILE."""
+    return tiny_shakespeare()

@@ -30,7 +30,14 @@ from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CHARLM_CACHE_DIR") or Path.home() / ".cache" / "charlm")
+    """``CHARLM_CACHE_DIR``, else the platform's cache folder: ``$XDG_CACHE_HOME/charlm`` or
+    ``~/.cache/charlm`` on Linux, ``~/Library/Caches/charlm`` on macOS,
+    ``%LOCALAPPDATA%\\charlm\\Cache`` on Windows."""
+    if os.environ.get("CHARLM_CACHE_DIR"):
+        return Path(os.environ["CHARLM_CACHE_DIR"])
+    import platformdirs  # only where a cache is used
+
+    return Path(platformdirs.user_cache_dir("charlm", appauthor=False))
 
 
 @dataclass

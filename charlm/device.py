@@ -10,15 +10,29 @@ import torch
 
 from charlm.errors import ConfigError
 
+# nn.GRU gives NaNs on MPS (pytorch/pytorch#94691, open), so ``auto`` keeps it on the CPU.
+MPS_CELLS = ("lstm", "rnn")
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else CPU; anything else must exist here."""
+
+def mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str = "auto", cell: str | None = None) -> torch.device:
+    """``auto`` is CUDA when available, else MPS (Apple GPUs) when the model's ``cell`` runs
+    there, else CPU; anything else must exist here."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available() and (cell is None or cell in MPS_CELLS):
+            return torch.device("mps")
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown device {name!r}; use {DEVICE_NAMES}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r} requested but CUDA is not available here")
@@ -26,8 +40,14 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise ConfigError(
                 f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) exist"
             )
+    elif device.type == "mps":
+        if not mps_available():
+            raise ConfigError(
+                f"device {name!r} requested but PyTorch has no MPS (Apple GPU) support here; "
+                "use --device cpu (or auto)"
+            )
     elif device.type != "cpu":
-        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"unsupported device {name!r}; use {DEVICE_NAMES}")
     return device
 
 
@@ -42,7 +62,12 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: fp16 with loss scaling on CUDA (see :func:`amp_plan`), bf16 on CPUs that run
-    it natively, else fp32."""
+    it natively, else fp32; fp32 on MPS."""
+    if device.type == "mps":
+        # Autocast of RNN kernels on MPS is untested here: keep the weights' fp32.
+        if precision not in ("auto", "fp32"):
+            raise ConfigError(f"precision {precision} is not supported on mps; use fp32 (or auto)")
+        return "fp32"
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"

@@ -73,8 +73,8 @@ class Dist:
     # mean_loss skips the all-reduce when this is None.
     all_reduce_sum = None
 
-    def pick_device(self, name: str) -> torch.device:
-        self.device = resolve_device(name)
+    def pick_device(self, name: str, cell: str | None = None) -> torch.device:
+        self.device = resolve_device(name, cell)
         return self.device
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -154,11 +154,12 @@ class DDPDist(Dist):
             ) from None
 
     # ----------------------------------------------------------------- device and model
-    def pick_device(self, name: str) -> torch.device:
-        """``auto``/``cuda``: this process's GPU, ``cuda:LOCAL_RANK``; ``cpu``: the CPU."""
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        device = resolve_device(name)
+    def pick_device(self, name: str, cell: str | None = None) -> torch.device:
+        """``auto``/``cuda``: this process's GPU, ``cuda:LOCAL_RANK``; ``cpu``: the CPU;
+        ``auto`` without CUDA: see :func:`charlm.device.resolve_device`."""
+        if name == "auto" and torch.cuda.is_available():
+            name = "cuda"
+        device = resolve_device(name, cell)
         if device.type == "cuda":
             if device.index not in (None, self.local_rank):
                 raise ConfigError(

@@ -17,6 +17,7 @@ from charlm.device import autocast, resolve_device, resolve_precision
 from charlm.errors import DataError
 from charlm.model import CharRNN
 from charlm.units import bits
+from charlm.vocab import Vocab
 
 
 @torch.no_grad()
@@ -84,6 +85,37 @@ class EvalResult:
     def perplexity(self) -> float:
         return math.exp(self.loss)
 
+    def to_dict(self) -> dict:
+        """The fields of ``charlm eval --json``."""
+        return {"loss": self.loss, "bits_per_char": self.bpc, "perplexity": self.perplexity,
+                "chars": self.chars, "unknown": self.unknown}
+
+
+def evaluate_model(
+    model: CharRNN,
+    vocab: Vocab,
+    text: str | Path,
+    precision: str = "fp32",
+    encoding: str = "utf-8",
+    errors: str = "strict",
+) -> EvalResult:
+    """Loss of ``model`` over a text file (a Path: read like a training file, ids cached) or
+    over a string; characters outside the vocabulary are dropped and counted."""
+    if isinstance(text, Path):
+        corpus = load_corpus(text, vocab=vocab, encoding=encoding, errors=errors,
+                             drop_unknown=True)
+        ids, unknown, what = corpus.ids, corpus.unknown, str(text)
+    else:
+        known = set(vocab.chars)
+        kept = "".join(c for c in text if c in known)
+        ids, unknown, what = vocab.encode(kept), len(text) - len(kept), "the text"
+    if len(ids) < 2:
+        raise DataError(f"{what} has fewer than 2 characters in the model's vocabulary")
+    device = model.head.weight.device
+    amp = autocast(device, resolve_precision(precision, device))
+    loss = mean_loss(model, as_tensor(ids, device), amp=amp)
+    return EvalResult(loss, len(ids), unknown)
+
 
 def evaluate_file(
     checkpoint_path: str | Path,
@@ -95,15 +127,5 @@ def evaluate_file(
 ) -> EvalResult:
     """Loss of a checkpoint (.pt or .safetensors) over a whole text file; unknown characters
     are dropped and counted."""
-    dev = resolve_device(device)
-    model, vocab = checkpoint.load_model(checkpoint_path, dev)
-    corpus = load_corpus(
-        text_path, vocab=vocab, encoding=encoding, errors=errors,
-        drop_unknown=True,
-    )
-    if len(corpus.ids) < 2:
-        raise DataError(f"{text_path} has fewer than 2 characters in the model's vocabulary")
-    ids = as_tensor(corpus.ids, dev)
-    amp = autocast(dev, resolve_precision(precision, dev))
-    loss = mean_loss(model, ids, amp=amp)
-    return EvalResult(loss, len(corpus.ids), corpus.unknown)
+    model, vocab = checkpoint.load_model(checkpoint_path, resolve_device(device))
+    return evaluate_model(model, vocab, Path(text_path), precision, encoding, errors)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import pickle
 import tomllib
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from charlm.atomic import atomic_write_text
 from charlm.errors import CharlmError
@@ -59,32 +60,28 @@ def open_run_dir(path: Path, resuming: bool) -> Path:
 
 
 class RunLock:
-    """An exclusive lock on a run directory, released when the process ends in any way."""
+    """An exclusive lock on a run directory, released when the process ends in any way.
+
+    filelock takes the operating system's lock (flock on POSIX, LockFileEx on Windows), so this
+    module imports nothing POSIX-only and a killed process never leaves the run locked."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
+        self.lock = FileLock(self.path, timeout=0)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise CharlmError(f"run directory {run_dir} is not writable: {exc.strerror}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
+            self.lock.acquire()
+        except Timeout:
             raise CharlmError(
                 f"another charlm train is already using {run_dir}; wait for it or use another --out"
             ) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            raise CharlmError(f"run directory {run_dir} is not writable: {exc.strerror}") from None
         # Temporary files left by a process that was killed while writing.
         for stale in run_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
 
     def release(self) -> None:
-        if self.fd >= 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = -1
+        self.lock.release()
 
 
 @contextmanager
@@ -184,6 +181,15 @@ class RunInfo:
     @property
     def chars_per_sec(self) -> float | None:
         return self.chars_seen / self.elapsed if self.elapsed > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """One run of ``charlm runs --json`` (``modified``: ISO 8601, UTC)."""
+        record = asdict(self)
+        record.update(
+            path=str(self.path), best_val_bpc=self.best_val_bpc, chars_per_sec=self.chars_per_sec,
+            modified=datetime.fromtimestamp(self.modified, UTC).isoformat(timespec="seconds"),
+        )
+        return record
 
 
 def is_run_dir(path: Path) -> bool:

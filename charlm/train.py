@@ -13,19 +13,23 @@ Where to change what:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 
 from charlm import checkpoint
-from charlm.config import Config, to_toml, validate
+from charlm.config import Config, apply_dict, load_toml, to_toml, validate
+from charlm.corpus import default_corpus
 from charlm.data import Batcher, as_tensor, load_corpus, split
 from charlm.device import autocast, cpu_count, resolve_precision, set_threads
 from charlm.distributed import Dist
-from charlm.errors import CharlmError, CheckpointError, DataError, first_line
+from charlm.errors import CharlmError, CheckpointError, ConfigError, DataError, first_line
 from charlm.loop import Loop, Setup
 from charlm.model import build_model
 from charlm.monitors import Header, MetricsFile, Monitor, Monitors, console
@@ -129,7 +133,7 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
     """Device, precision, data, batcher, model (with a checkpoint's weights), optimizer and
     gradient scaler of a run. Every process runs it before the first collective."""
     tc = cfg.train
-    device = dist.pick_device(tc.device)
+    device = dist.pick_device(tc.device, cfg.model.cell)
     precision = resolve_precision(tc.precision, device)
     if device.type == "cpu":
         # Processes sharing a machine share its cores.
@@ -231,3 +235,35 @@ def header(run: Setup, state: TrainState, run_dir: Path, resumed: bool) -> Heade
         run_dir=run_dir, start_step=state.step, max_steps=tc.max_steps, resumed=resumed,
         best_val_loss=state.best_val_loss, notes=list(run.notes),
     )
+
+
+def run(path: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
+        out: str | os.PathLike | None = None, progress: bool = True, **overrides: Any):
+    """The Python API's ``charlm.train(...)``: train a new model on ``path`` (a text file or
+    a directory of ``*.txt``; default: the bundled tiny Shakespeare), as ``charlm train``
+    does. ``config`` is a TOML file like ``configs/cpu.toml``; ``overrides`` set any config
+    field by name (``cell="gru"``, ``hidden_size=128``, ``max_steps=500``, ``lr=2e-3``, ...);
+    ``out`` is the run directory (default ``runs/<stem>-<cell>``). Returns a
+    :class:`TrainResult` (``run_dir``, ``step``, ``best_val_loss``, ``chars_per_sec``, ...)."""
+    cfg = load_toml(config) if config is not None else Config()
+    sections = {f.name: section for section in ("model", "data", "train")
+                for f in fields(getattr(cfg, section))}
+    for name, value in overrides.items():
+        if name not in sections:
+            raise ConfigError(f"charlm.train(): unknown option {name!r}; valid options: "
+                              + ", ".join(sections))
+        apply_dict(cfg, {sections[name]: {name: value}}, source="charlm.train()")
+    validate(cfg)
+    text = Path(path) if path is not None else default_corpus()
+    return train(text, cfg, out_dir=out, progress=progress)
+
+
+class _CallableModule(ModuleType):
+    """``charlm.train`` names this module and also the Python API's ``charlm.train(path,
+    **overrides)``: importing the module replaces the attribute, so the module is callable."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return run(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

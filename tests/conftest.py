@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from charlm.corpus import tiny_shakespeare
 from charlm.device import cpu_has_fast_bf16
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def _tiny_config(precision: str) -> Path:
 
 
 TINY_CONFIG = _tiny_config(TEST_PRECISION)
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = tiny_shakespeare()  # the copy shipped inside the package
 
 SAMPLE_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -80,14 +81,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(request, tmp_path_factory, monkeypatch):
-    """Every test gets its own id cache and data directory, and no network corpus; commands
-    started by a test that is not marked ``gpu`` see no GPU."""
+    """Every test gets its own id cache; commands started by a test that is not marked
+    ``gpu`` see no GPU."""
     if request.node.get_closest_marker("gpu") is None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     root = tmp_path_factory.mktemp("charlm-home")
     monkeypatch.setenv("CHARLM_CACHE_DIR", str(root / "cache"))
-    monkeypatch.setenv("CHARLM_DATA_DIR", str(root / "data"))
-    monkeypatch.setenv("CHARLM_CORPUS_URL", "http://127.0.0.1:9/unreachable")
 
 
 @pytest.fixture
@@ -118,6 +117,17 @@ def run_charlm(*args, cwd=None, env=None, timeout=120, input=None) -> subprocess
     return subprocess.run(
         [*charlm_exe(), *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
         text=True, timeout=timeout, input=input,
+    )
+
+
+def run_charlm_with(prelude: str, *args, cwd=None, env=None, timeout=120):
+    """Run charlm's ``main`` in a fresh Python after ``prelude`` (code that changes the
+    interpreter first: blocks the network, hides a module); returns the completed process."""
+    code = f"{prelude}\nfrom charlm.cli import main\nmain()"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
     )
 
 

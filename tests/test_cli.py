@@ -129,7 +129,7 @@ def test_python_m_charlm_help():
     proc = subprocess.run([sys.executable, "-m", "charlm", "--help"], capture_output=True,
                           text=True, timeout=60, env={**os.environ, "COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
-    for command in ("train", "sample", "eval", "info", "download"):
+    for command in ("train", "sample", "eval", "info", "runs", "bench"):
         assert command in proc.stdout
 
 

@@ -177,7 +177,7 @@ def test_cjk_vocabulary_of_20000_characters_trains_and_samples(tmp_path):
 BAD_TRAIN_OPTIONS = [
     (("--batch-size", "0"), ("train.batch_size", "[1, 1048576]", "got 0")),
     (("--batch-size", "-5"), ("train.batch_size", "got -5")),
-    (("--batch-size", "abc"), ("--batch-size", "valid integer")),
+    (("--batch-size", "abc"), ("--batch-size", "valid int")),
     (("--seq-len", "0"), ("train.seq_len", "[1, 1048576]")),
     (("--num-layers", "0"), ("model.num_layers", "[1, 64]")),
     (("--num-layers", "1000"), ("model.num_layers", "[1, 64]", "got 1000")),
@@ -234,7 +234,7 @@ def test_cuda_requested_without_cuda(text_file, tmp_path):
 BAD_SAMPLE_OPTIONS = [
     (("--length", "-1"), ("--length", "[0, 100000000]")),
     (("--length", "99999999999999999999"), ("--length", "[0, 100000000]")),
-    (("--length", "x"), ("--length", "valid integer")),
+    (("--length", "x"), ("--length", "valid int")),
     (("--temperature", "-1"), ("--temperature", "[0, 100]")),
     (("--temperature", "nan"), ("--temperature", "[0, 100]")),
     (("--top-k", "-1"), ("--top-k", ">= 0")),
