@@ -230,19 +230,37 @@ def _print_loss_curve(run_dir: Path) -> None:
 def sample(
     checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint (default: best.pt of the newest run under runs/).")] = None,
     seed: Annotated[str, typer.Option("--seed", "-s", help="Text to start from.")] = "",
+    seed_file: Annotated[str | None, typer.Option("--seed-file", help="Start from the text of a file (any length; - for standard input). It is not echoed.")] = None,
     length: Annotated[int, typer.Option("--length", "-n", help="Characters to generate.")] = 500,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")] = 0.8,
+    temperature: Annotated[list[str] | None, typer.Option("--temperature", "-t", help="0 is greedy; several (-t 0.5 -t 1 or 0.5,1) give samples for each. Default 0.8.")] = None,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely (0: all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1: off).")] = 1.0,
     num_samples: Annotated[int, typer.Option(help="Independent samples, generated as one batch.")] = 1,
     random_seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="End each sample right after this text (repeatable; \\n is a newline).")] = None,
+    beam: Annotated[int, typer.Option(help="Beam search of this width: the most likely text (0: sample).")] = 0,
     drop_unknown: Annotated[bool, typer.Option(help="Drop seed characters outside the vocabulary.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Generate text from a seed string."""
-    from charlm.decoding import check_options, seed_ids
+    from charlm.decoding import (
+        check_beam,
+        check_options,
+        check_stops,
+        parse_temperatures,
+        read_seed_file,
+        seed_ids,
+        unescape,
+    )
 
-    check_options(length, temperature, top_k, top_p, num_samples, random_seed)
+    temps = parse_temperatures(temperature)
+    check_options(length, temps, top_k, top_p, num_samples, random_seed)
+    check_beam(beam, temps, top_k, top_p, num_samples, random_seed, temperature is not None)
+    stops = [unescape(text) for text in stop or []]
+    if seed_file is not None:
+        if seed:
+            raise CharlmError("--seed and --seed-file cannot be used together")
+        seed = read_seed_file(seed_file)
     if checkpoint_path is None:
         from charlm.runs import latest_checkpoint
 
@@ -254,6 +272,8 @@ def sample(
 
         if device not in ("cpu", "auto"):
             raise CharlmError("an ONNX model runs on the CPU with onnxruntime; drop --device")
+        if beam:
+            raise CharlmError("--beam needs the .pt or .safetensors model; an ONNX export samples only")
         model = onnx_runtime.load(checkpoint_path)
         vocab, generate = model.vocab, onnx_runtime.generate
     else:
@@ -262,31 +282,55 @@ def sample(
         from charlm.sample import generate
 
         model, vocab = load_model(checkpoint_path, resolve_device(device))
+    check_stops(vocab, stops)
     ids = seed_ids(vocab, seed, drop_unknown)
     if drop_unknown and len(ids) != len(seed):
         dropped = len(seed) - len(ids)
         err.print(f"dropped {dropped} seed character{'s' * (dropped != 1)} outside the vocabulary")
         seed = vocab.decode(ids)  # what the model continues from
-    stream = num_samples == 1
+    if seed_file is not None:
+        seed = ""  # a file can be long: print only what the model adds
+    stream = num_samples == 1 and len(temps) == 1 and not beam
+
+    streamed = [seed]
 
     def on_step(new_ids: list[int]) -> None:
-        sys.stdout.write(vocab.chars[new_ids[0]])
+        streamed[0] = vocab.chars[new_ids[0]]
+        sys.stdout.write(streamed[0])
         sys.stdout.flush()
 
     try:
+        if beam:
+            from charlm.beam import beam_search
+
+            r = beam_search(model, vocab, ids, length, beam, stop=stops)
+            sys.stdout.write(_line(seed + r.text))
+            sys.stdout.flush()
+            err.print(f"beam {beam}: log-probability {r.logprob:.4f} nats over {len(r.ids)} "
+                      f"characters ({r.score:.4f} per character)")
+            return
         if stream:
             sys.stdout.write(seed)
             sys.stdout.flush()
-        texts = generate(model, vocab, ids, length, temperature, top_k, top_p, num_samples,
-                         random_seed, on_step if stream else None)
+        texts = generate(model, vocab, ids, length, temps, top_k, top_p, num_samples,
+                         random_seed, on_step if stream else None, stop=stops)
         if stream:
-            sys.stdout.write("\n")
+            sys.stdout.write(_line(streamed[0])[len(streamed[0]):])
         else:
             for i, text in enumerate(texts):
-                sys.stdout.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{seed}{text}\n")
+                label = f"sample {i % num_samples + 1}"
+                if len(temps) > 1:
+                    t = f"temperature {temps[i // num_samples]:g}"
+                    label = t if num_samples == 1 else f"{t}, {label}"
+                sys.stdout.write(f"{'' if i == 0 else chr(10)}--- {label} ---\n{_line(seed + text)}")
         sys.stdout.flush()
     except BrokenPipeError:
         _reader_gone()
+
+
+def _line(text: str) -> str:
+    """``text`` ending with one newline: a sample cut after a stop text "\\n" has its own."""
+    return text if text.endswith("\n") else text + "\n"
 
 
 def _reader_gone() -> None:
