@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -30,6 +31,12 @@ def _error(message: str) -> None:
     # One line whatever the message quotes (a file name or --set value with a newline in it).
     message = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
     err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+def _chars(chars, most: int = 20) -> str:
+    """Characters as a readable list of their reprs (escapes for control characters)."""
+    shown = ", ".join(repr(c) for c in list(chars)[:most])
+    return shown + (", ..." if len(chars) > most else "")
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -87,6 +94,7 @@ def train(
     init_from: Annotated[Path | None, typer.Option(help="Start a new run from a checkpoint's weights.")] = None,
     allow_other_data: Annotated[bool, typer.Option(help="Resume on a file other than the run's.")] = False,
     drop_unknown: Annotated[bool, typer.Option(help="Drop characters outside an --init-from vocabulary.")] = False,
+    grow_vocab: Annotated[bool, typer.Option(help="Add the text's new characters to an --init-from vocabulary.")] = False,
     stop_at_step: Annotated[int, typer.Option(help="Pause at this step (resumable; the schedule is unchanged).")] = 0,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     dist_timeout: Annotated[float | None, typer.Option(help="Under torchrun: seconds to wait for a stalled process before all stop (default 300).")] = None,
@@ -109,6 +117,8 @@ def train(
         if drop_unknown and not (resume or init_from):
             raise CharlmError("--drop-unknown only applies with --resume or --init-from "
                               "(a new run's vocabulary is built from its text)")
+        if grow_vocab and (not init_from or drop_unknown):
+            raise CharlmError("--grow-vocab only applies with --init-from, and not with --drop-unknown")
         if no_samples and sample_every:
             raise CharlmError("--no-samples and --sample-every cannot be used together")
         resume_ckpt = init_ckpt = None
@@ -152,6 +162,15 @@ def train(
                 err.print(f"training on tiny Shakespeare: {file}")
         if stop_at_step < 0:
             raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
+        if grow_vocab:
+            from charlm.data import scan_code_points
+
+            present = scan_code_points(file, cfg.data.encoding, cfg.data.errors)
+            init_ckpt, added = checkpoint.grow_vocab(init_ckpt, present)
+            if dist.rank == 0:
+                err.print(f"vocabulary grown by {len(added)} characters: {_chars(added)}" if added
+                          else "vocabulary not grown: the text has no new characters",
+                          markup=False, soft_wrap=True)
 
         result = run_training(
             file, cfg, out_dir=out_dir, resume=resume_ckpt, init_from=init_ckpt,
@@ -382,6 +401,9 @@ def info(checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")])
         ("dropout", f"{cfg.model.dropout:g}"),
         ("parameters", f"{params:,}"),
         ("vocabulary", f"{len(ckpt['vocab']):,} characters"),
+        *[("vocabulary growth", escape(f"{g['base_size']:,} + {len(g['added']):,} characters: "
+                                      f"{_chars(g['added'])}"))
+          for g in checkpoint.growth_of(ckpt)],
         ("steps", f"{ts.get('step', 0):,}"),
         ("epochs", f"{ts.get('epoch', 0):.2f}"),
         ("best val loss", f"{best:.4f} nats ({best / math.log(2):.4f} bits/char)"),

@@ -315,6 +315,7 @@ def train(
             model, cfg, vocab,
             optimizer=optimizer.state_dict(),
             train_file=source_info,
+            vocab_growth=checkpoint.growth_of(base),  # kept through fine-tuning and resume
             train_state={
                 "step": step, "epoch": batcher.progress, "batcher": batcher.state_dict(),
                 "carried_state": None if states[0] is None else states,

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE_TEXT, assert_clean_error, run_charlm, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,7 +18,6 @@ from charlm.errors import CharlmError
 from charlm.model import build_model
 from charlm.sample import generate, pick, seed_ids, warm
 from charlm.vocab import Vocab
-from tests.conftest import SAMPLE_TEXT, assert_clean_error, run_charlm, run_cli
 
 VOCAB = Vocab.from_text("abcdefghij \nTHE")
 
