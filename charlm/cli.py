@@ -259,6 +259,8 @@ def sample(
     stop: Annotated[list[str] | None, typer.Option("--stop", help="End each sample right after this text (repeatable; \\n is a newline).")] = None,
     beam: Annotated[int, typer.Option(help="Beam search of this width: the most likely text (0: sample).")] = 0,
     drop_unknown: Annotated[bool, typer.Option(help="Drop seed characters outside the vocabulary.")] = False,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Continue each line you type (Ctrl-D or Ctrl-C ends).")] = False,
+    keep_state: Annotated[bool, typer.Option(help="With --interactive: carry the model's state across turns.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Generate text from a seed string."""
@@ -276,6 +278,17 @@ def sample(
     check_options(length, temps, top_k, top_p, num_samples, random_seed)
     check_beam(beam, temps, top_k, top_p, num_samples, random_seed, temperature is not None)
     stops = [unescape(text) for text in stop or []]
+    if keep_state and not interactive:
+        raise CharlmError("--keep-state only applies with --interactive")
+    if interactive:
+        clash = [name for name, on in (
+            ("--seed", bool(seed)), ("--seed-file", seed_file is not None), ("--beam", beam > 0),
+            ("--num-samples", num_samples != 1), ("several temperatures", len(temps) > 1),
+            ("an ONNX model", checkpoint_path is not None and checkpoint_path.suffix.lower() == ".onnx"),
+        ) if on]
+        if clash:
+            raise CharlmError(f"--interactive continues the lines you type, one at a time; it "
+                              f"does not combine with {', '.join(clash)}")
     if seed_file is not None:
         if seed:
             raise CharlmError("--seed and --seed-file cannot be used together")
@@ -302,6 +315,12 @@ def sample(
 
         model, vocab = load_model(checkpoint_path, resolve_device(device))
     check_stops(vocab, stops)
+    if interactive:
+        from charlm.interactive import Session
+
+        _interactive(Session(model, vocab, length, temps[0], top_k, top_p, random_seed, stops,
+                             keep_state, drop_unknown))
+        return
     ids = seed_ids(vocab, seed, drop_unknown)
     if drop_unknown and len(ids) != len(seed):
         dropped = len(seed) - len(ids)
@@ -343,6 +362,37 @@ def sample(
                     label = t if num_samples == 1 else f"{t}, {label}"
                 sys.stdout.write(f"{'' if i == 0 else chr(10)}--- {label} ---\n{_line(seed + text)}")
         sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
+
+
+def _interactive(session) -> None:
+    """The prompt loop on this terminal (with readline's line editing and history where Python
+    has it), or on piped standard input, without prompts."""
+    from charlm.interactive import run
+
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() line editing
+        except ImportError:  # Windows without pyreadline
+            pass
+        err.print("type a line and press Enter; Ctrl-D or Ctrl-C ends", style="dim")
+
+        def read_line() -> str:
+            return input("> ")
+    else:
+        def read_line() -> str:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.removesuffix("\n")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        run(session, read_line, write, _error)
     except BrokenPipeError:
         _reader_gone()
 
