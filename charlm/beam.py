@@ -65,9 +65,11 @@ def beam_search(
     logits, state = warm(model, start_ids(vocab, seed))  # (1, V)
     step = Stepper(model)
     totals = torch.zeros(1, dtype=torch.float64)  # (K,) log-probability of each live beam
-    beams: list[list[int]] = [[]]
+    # Back-pointers: at each step, the beam each live beam came from and the id it added.
+    parents: list[torch.Tensor] = []
+    added: list[torch.Tensor] = []
     tails = [""]  # the last characters of each beam, to spot stop texts
-    best: tuple[float, float, list[int]] | None = None  # (score, total, ids)
+    best: tuple[float, float, int, int, int] | None = None  # (score, total, step, beam, id)
     V = len(vocab)
     for t in range(length):
         logp = torch.log_softmax(logits.double().cpu(), dim=-1)  # (K, V)
@@ -79,7 +81,7 @@ def beam_search(
             flat = int(torch.sort(scores.flatten(), descending=True, stable=True).indices[0])
             score = float(scores.flatten()[flat])
             if best is None or score > best[0]:
-                best = (score, float(cand.flatten()[flat]), beams[flat // V] + [flat % V])
+                best = (score, float(cand.flatten()[flat]), t, flat // V, flat % V)
         if last:
             break
         live = cand.masked_fill(done, float("-inf")).flatten()  # (K * V,)
@@ -89,12 +91,18 @@ def beam_search(
             break
         rows, ids = order // V, order % V
         totals = live[order]
-        beams = [beams[r] + [i] for r, i in zip(rows.tolist(), ids.tolist(), strict=True)]
+        parents.append(rows)
+        added.append(ids)
         tails = [(tails[r] + vocab.chars[i])[-keep:] if keep else ""
                  for r, i in zip(rows.tolist(), ids.tolist(), strict=True)]
         device = model.head.weight.device
         state = select_state(state, rows.to(device))
         logits, state = step(ids.to(device), state)
     assert best is not None  # the last step finishes every candidate
-    score, total, ids = best
+    score, total, t, k, last = best
+    ids = [last]
+    for s in range(t - 1, -1, -1):  # follow the back-pointers to the first step
+        ids.append(int(added[s][k]))
+        k = int(parents[s][k])
+    ids.reverse()
     return BeamResult(vocab.decode(ids), ids, total, score)
