@@ -266,29 +266,22 @@ def sample(
     """Generate text from a seed string."""
     from charlm.decoding import (
         check_beam,
+        check_interactive,
         check_options,
         check_stops,
         parse_temperatures,
         read_seed_file,
+        sample_labels,
         seed_ids,
         unescape,
     )
 
     temps = parse_temperatures(temperature)
+    onnx = checkpoint_path is not None and checkpoint_path.suffix.lower() == ".onnx"
     check_options(length, temps, top_k, top_p, num_samples, random_seed)
-    check_beam(beam, temps, top_k, top_p, num_samples, random_seed, temperature is not None)
+    check_beam(beam, temps, top_k, top_p, num_samples, random_seed, temperature is not None, onnx)
+    check_interactive(interactive, keep_state, seed, seed_file, beam, num_samples, temps, onnx)
     stops = [unescape(text) for text in stop or []]
-    if keep_state and not interactive:
-        raise CharlmError("--keep-state only applies with --interactive")
-    if interactive:
-        clash = [name for name, on in (
-            ("--seed", bool(seed)), ("--seed-file", seed_file is not None), ("--beam", beam > 0),
-            ("--num-samples", num_samples != 1), ("several temperatures", len(temps) > 1),
-            ("an ONNX model", checkpoint_path is not None and checkpoint_path.suffix.lower() == ".onnx"),
-        ) if on]
-        if clash:
-            raise CharlmError(f"--interactive continues the lines you type, one at a time; it "
-                              f"does not combine with {', '.join(clash)}")
     if seed_file is not None:
         if seed:
             raise CharlmError("--seed and --seed-file cannot be used together")
@@ -304,8 +297,6 @@ def sample(
 
         if device not in ("cpu", "auto"):
             raise CharlmError("an ONNX model runs on the CPU with onnxruntime; drop --device")
-        if beam:
-            raise CharlmError("--beam needs the .pt or .safetensors model; an ONNX export samples only")
         model = onnx_runtime.load(checkpoint_path)
         vocab, generate = model.vocab, onnx_runtime.generate
     else:
@@ -355,11 +346,8 @@ def sample(
         if stream:
             sys.stdout.write(_line(streamed[0])[len(streamed[0]):])
         else:
-            for i, text in enumerate(texts):
-                label = f"sample {i % num_samples + 1}"
-                if len(temps) > 1:
-                    t = f"temperature {temps[i // num_samples]:g}"
-                    label = t if num_samples == 1 else f"{t}, {label}"
+            for i, (label, text) in enumerate(zip(sample_labels(temps, num_samples), texts,
+                                                  strict=True)):
                 sys.stdout.write(f"{'' if i == 0 else chr(10)}--- {label} ---\n{_line(seed + text)}")
         sys.stdout.flush()
     except BrokenPipeError:

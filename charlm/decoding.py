@@ -168,13 +168,16 @@ class StopScan:
 
 
 def check_beam(beam: int, temperatures: list[float], top_k: int, top_p: float,
-               num_samples: int, random_seed: int | None, temperature_given: bool) -> None:
+               num_samples: int, random_seed: int | None, temperature_given: bool,
+               onnx: bool = False) -> None:
     """Beam search is deterministic and returns one text: options that choose among random
     samples or ask for several results make no sense with it."""
     if beam == 0:
         return
     if not 1 <= beam <= 4096:
         raise CharlmError(f"--beam must be in [1, 4096]; got {beam}")
+    if onnx:
+        raise CharlmError(BEAM_NEEDS_TORCH)
     clash = [name for name, on in (
         ("--temperature", temperature_given or len(temperatures) > 1),
         ("--top-k", top_k != 0), ("--top-p", top_p != 1.0),
@@ -184,3 +187,35 @@ def check_beam(beam: int, temperatures: list[float], top_k: int, top_p: float,
         raise CharlmError(
             f"--beam finds the single most likely text; it does not combine with {', '.join(clash)}"
         )
+
+
+BEAM_NEEDS_TORCH = "--beam needs the .pt or .safetensors model; an ONNX export samples only"
+
+
+def check_interactive(interactive: bool, keep_state: bool, seed: str, seed_file: str | None,
+                      beam: int, num_samples: int, temperatures: list[float], onnx: bool) -> None:
+    """The interactive mode continues one typed line at a time, from the PyTorch model."""
+    if keep_state and not interactive:
+        raise CharlmError("--keep-state only applies with --interactive")
+    if not interactive:
+        return
+    clash = [name for name, on in (
+        ("--seed", bool(seed)), ("--seed-file", seed_file is not None), ("--beam", beam > 0),
+        ("--num-samples", num_samples != 1), ("several temperatures", len(temperatures) > 1),
+        ("an ONNX model", onnx),
+    ) if on]
+    if clash:
+        raise CharlmError("--interactive continues the lines you type, one at a time; it does "
+                          f"not combine with {', '.join(clash)}")
+
+
+def sample_labels(temperatures: list[float], num_samples: int) -> list[str]:
+    """The heading of each sample, in the order :func:`charlm.sample.generate` returns them."""
+    labels = []
+    for t in temperatures:
+        for i in range(num_samples):
+            label = f"sample {i + 1}"
+            if len(temperatures) > 1:
+                label = f"temperature {t:g}" + (f", {label}" if num_samples > 1 else "")
+            labels.append(label)
+    return labels

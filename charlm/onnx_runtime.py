@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from charlm.config import Config
-from charlm.decoding import StopScan, start_ids
+from charlm.decoding import BEAM_NEEDS_TORCH, StopScan, start_ids
 from charlm.errors import CharlmError, CheckpointError
 from charlm.extras import require
 from charlm.vocab import Vocab
@@ -170,7 +170,7 @@ def generate(
     sampler, while greedy decoding gives the same text). The seed is fed one character per
     step, as the file holds only the single-step model. Beam search needs the PyTorch model."""
     if beam:
-        raise CharlmError("--beam needs the .pt or .safetensors model; an ONNX export samples only")
+        raise CharlmError(BEAM_NEEDS_TORCH)
     temps = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
     B = num_samples * len(temps)
     temp = np.repeat(np.asarray(temps, dtype=np.float64), num_samples)  # (B,)
