@@ -179,7 +179,7 @@ def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
         "hidden_size": cfg.model.hidden_size, "num_layers": cfg.model.num_layers,
         "dropout": cfg.model.dropout,
         "parameters": sum(t.numel() for t in ckpt["model"].values()),
-        "vocab_size": len(ckpt["vocab"]),
+        "vocab_size": len(ckpt["vocab"]), "vocab_growth": growth_of(ckpt),
         "steps": ts.get("step"), "epochs": ts.get("epoch"), "elapsed": ts.get("elapsed"),
         "best_val_loss": best,
         "best_val_bpc": bits(best) if isinstance(best, int | float) else None,
@@ -194,6 +194,44 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Ch
     """The model (eval mode, on ``device``) and vocabulary of a .pt or .safetensors file."""
     ckpt = read(path)
     return model_of(ckpt, device), vocab_of(ckpt)
+
+
+# The parameters with one row per character (CharRNN's embedding and output layer).
+VOCAB_ROWS = ("embed.weight", "head.weight", "head.bias")
+
+
+def grow_vocab(ckpt: dict[str, Any], cps) -> tuple[dict[str, Any], list[str]]:
+    """The checkpoint with its vocabulary grown by the code points ``cps`` it lacks, for
+    fine-tuning on text with new characters; returns it and the added characters.
+
+    Old characters keep their ids and weights. Each new character starts from the mean of the
+    old rows of the embedding, the output weights and the output bias: an average character,
+    which fine-tuning then moves (textgenrnn and char-rnn users asked for this, see README).
+    The growth is recorded in ``vocab_growth`` (base size and added characters per growth).
+    """
+    old = vocab_of(ckpt)
+    vocab = old.grow(cps)
+    added = list(vocab.chars[len(old):])
+    if not added:
+        return ckpt, []
+    model = dict(ckpt["model"])
+    for key in VOCAB_ROWS:
+        w = model.get(key)
+        if not isinstance(w, torch.Tensor) or w.dim() < 1 or w.shape[0] != len(old):
+            raise CheckpointError(f"checkpoint weights do not fit its vocabulary ({key})")
+        mean = w.float().mean(0, keepdim=True).to(w.dtype)  # (1, ...)
+        model[key] = torch.cat([w, mean.expand(len(added), *w.shape[1:])])
+    growth = [*growth_of(ckpt), {"base_size": len(old), "added": "".join(added)}]
+    return {**ckpt, "vocab": list(vocab.chars), "model": model, "vocab_growth": growth}, added
+
+
+def growth_of(ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The vocabulary growths recorded in a checkpoint (none for an ungrown model)."""
+    growth = (ckpt or {}).get("vocab_growth")
+    if not isinstance(growth, list):
+        return []
+    return [g for g in growth if isinstance(g, dict) and isinstance(g.get("base_size"), int)
+            and isinstance(g.get("added"), str)]
 
 
 def shape_differences(old: Config, new: Config) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -33,6 +34,12 @@ def _error(message: str) -> None:
     # One line whatever the message quotes (a file name or --set value with a newline in it).
     message = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
     err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+def _chars(chars, most: int = 20) -> str:
+    """Characters as a readable list of their reprs (escapes for control characters)."""
+    shown = ", ".join(repr(c) for c in list(chars)[:most])
+    return shown + (", ..." if len(chars) > most else "")
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -153,6 +160,7 @@ def train(
     init_from: Annotated[Path | None, typer.Option(help="Start a new run from a checkpoint's weights.")] = None,
     allow_other_data: Annotated[bool, typer.Option(help="Resume on a file other than the run's.")] = False,
     drop_unknown: Annotated[bool, typer.Option(help="Drop characters outside an --init-from vocabulary.")] = False,
+    grow_vocab: Annotated[bool, typer.Option(help="Add the text's new characters to an --init-from vocabulary.")] = False,
     stop_at_step: Annotated[int, typer.Option(help="Pause at this step (resumable; the schedule is unchanged).")] = 0,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="A progress bar, or one plain line per log step and evaluation. Default: the bar when stderr is a terminal.")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help='Also write TensorBoard logs into the run directory (pip install "charlm[tensorboard]").')] = None,
@@ -176,6 +184,8 @@ def train(
         if drop_unknown and not (resume or init_from):
             raise CharlmError("--drop-unknown only applies with --resume or --init-from "
                               "(a new run's vocabulary is built from its text)")
+        if grow_vocab and (not init_from or drop_unknown):
+            raise CharlmError("--grow-vocab only applies with --init-from, and not with --drop-unknown")
         if no_samples and sample_every:
             raise CharlmError("--no-samples and --sample-every cannot be used together")
         resume_ckpt = init_ckpt = None
@@ -219,6 +229,15 @@ def train(
                 err.print(f"training on tiny Shakespeare: {file}")
         if stop_at_step < 0:
             raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
+        if grow_vocab:
+            from charlm.data import scan_code_points
+
+            present = scan_code_points(file, cfg.data.encoding, cfg.data.errors)
+            init_ckpt, added = checkpoint.grow_vocab(init_ckpt, present)
+            if dist.rank == 0:
+                err.print(f"vocabulary grown by {len(added)} characters: {_chars(added)}" if added
+                          else "vocabulary not grown: the text has no new characters",
+                          markup=False, soft_wrap=True)
 
         result = run_training(
             file, cfg, out_dir=out_dir, resume=resume_ckpt, init_from=init_ckpt,
@@ -297,51 +316,135 @@ def _print_loss_curve(run_dir: Path) -> None:
 def sample(
     checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint (default: best.pt of the newest run under runs/).")] = None,
     seed: Annotated[str, typer.Option("--seed", "-s", help="Text to start from.")] = "",
+    seed_file: Annotated[str | None, typer.Option("--seed-file", metavar="PATH", help="Start from the text of a file (any length; - for standard input). It is not echoed.")] = None,
     length: Annotated[int, typer.Option("--length", "-n", help="Characters to generate.")] = 500,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")] = 0.8,
+    temperature: Annotated[list[str] | None, typer.Option("--temperature", "-t", metavar="T[,T...]", help="0 is greedy; several (-t 0.5 -t 1 or 0.5,1) give samples for each. Default 0.8.")] = None,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely (0: all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1: off).")] = 1.0,
     num_samples: Annotated[int, typer.Option(help="Independent samples, generated as one batch.")] = 1,
     random_seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", metavar="TEXT", help="End each sample right after this text (repeatable; \\n is a newline).")] = None,
+    beam: Annotated[int, typer.Option(help="Beam search of this width: the most likely text (0: sample).")] = 0,
     drop_unknown: Annotated[bool, typer.Option(help="Drop seed characters outside the vocabulary.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Continue each line you type (Ctrl-D or Ctrl-C ends).")] = False,
+    keep_state: Annotated[bool, typer.Option(help="With --interactive: carry the model's state across turns.")] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Generate text from a seed string."""
     from charlm.api import load
-    from charlm.decoding import check_options
+    from charlm.decoding import (
+        check_beam,
+        check_interactive,
+        check_options,
+        check_stops,
+        parse_temperatures,
+        read_seed_file,
+        sample_labels,
+        seed_ids,
+        unescape,
+    )
 
-    check_options(length, temperature, top_k, top_p, num_samples, random_seed)
+    temps = parse_temperatures(temperature)
+    onnx = checkpoint_path is not None and checkpoint_path.suffix.lower() == ".onnx"
+    check_options(length, temps, top_k, top_p, num_samples, random_seed)
+    check_beam(beam, temps, top_k, top_p, num_samples, random_seed, temperature is not None, onnx)
+    check_interactive(interactive, keep_state, seed, seed_file, beam, num_samples, temps, onnx)
+    stops = [unescape(text) for text in stop or []]
+    if seed_file is not None:
+        if seed:
+            raise CharlmError("--seed and --seed-file cannot be used together")
+        seed = read_seed_file(seed_file)
     if checkpoint_path is None:
         from charlm.runs import latest_checkpoint
 
         checkpoint_path = latest_checkpoint()
         err.print(f"using {checkpoint_path}", style="dim")
-    model = load(checkpoint_path, device)
-    shown = model.seed_text(seed, drop_unknown)  # what the model continues from
-    if drop_unknown and len(shown) != len(seed):
-        dropped = len(seed) - len(shown)
+    lm = load(checkpoint_path, device)  # what the Python API's charlm.load() gives
+    model, vocab = lm.network, lm.vocab
+    check_stops(vocab, stops)
+    if interactive:
+        from charlm.interactive import Session
+
+        _interactive(Session(model, vocab, length, temps[0], top_k, top_p, random_seed, stops,
+                             keep_state, drop_unknown))
+        return
+    ids = seed_ids(vocab, seed, drop_unknown)
+    if drop_unknown and len(ids) != len(seed):
+        dropped = len(seed) - len(ids)
         err.print(f"dropped {dropped} seed character{'s' * (dropped != 1)} outside the vocabulary")
-    seed = shown
-    stream = num_samples == 1
+        seed = vocab.decode(ids)  # what the model continues from
+    seed_text = vocab.decode(ids)
+    if seed_file is not None:
+        seed = ""  # a file can be long: print only what the model adds
+    stream = num_samples == 1 and len(temps) == 1 and not beam
+
+    streamed = [seed]
 
     def on_step(new_ids: list[int]) -> None:
-        sys.stdout.write(model.vocab.chars[new_ids[0]])
+        streamed[0] = vocab.chars[new_ids[0]]
+        sys.stdout.write(streamed[0])
         sys.stdout.flush()
 
     try:
+        if beam:
+            from charlm.beam import beam_search
+
+            r = beam_search(model, vocab, ids, length, beam, stop=stops)
+            sys.stdout.write(_line(seed + r.text))
+            sys.stdout.flush()
+            err.print(f"beam {beam}: log-probability {r.logprob:.4f} nats over {len(r.ids)} "
+                      f"characters ({r.score:.4f} per character)")
+            return
         if stream:
             sys.stdout.write(seed)
             sys.stdout.flush()
-        texts = model.generate(seed, length, temperature, top_k, top_p, num_samples, random_seed,
-                               include_seed=False, on_step=on_step if stream else None)
+        texts = lm.generate(seed_text, length, temps, top_k, top_p, num_samples, random_seed,
+                            include_seed=False, on_step=on_step if stream else None, stop=stops)
         if stream:
-            sys.stdout.write("\n")
+            sys.stdout.write(_line(streamed[0])[len(streamed[0]):])
         else:
-            for i, text in enumerate(texts):
-                sys.stdout.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{seed}{text}\n")
+            for i, (label, text) in enumerate(zip(sample_labels(temps, num_samples), texts,
+                                                  strict=True)):
+                sys.stdout.write(f"{'' if i == 0 else chr(10)}--- {label} ---\n{_line(seed + text)}")
         sys.stdout.flush()
     except BrokenPipeError:
         _reader_gone()
+
+
+def _interactive(session) -> None:
+    """The prompt loop on this terminal (with readline's line editing and history where Python
+    has it), or on piped standard input, without prompts."""
+    from charlm.interactive import run
+
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() line editing
+        except ImportError:  # Windows without pyreadline
+            pass
+        err.print("type a line and press Enter; Ctrl-D or Ctrl-C ends", style="dim")
+
+        def read_line() -> str:
+            return input("> ")
+    else:
+        def read_line() -> str:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.removesuffix("\n")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        run(session, read_line, write, _error)
+    except BrokenPipeError:
+        _reader_gone()
+
+
+def _line(text: str) -> str:
+    """``text`` ending with one newline: a sample cut after a stop text "\\n" has its own."""
+    return text if text.endswith("\n") else text + "\n"
 
 
 def _reader_gone() -> None:
@@ -404,6 +507,9 @@ def info(
         ("dropout", f"{d['dropout']:g}"),
         ("parameters", f"{d['parameters']:,}"),
         ("vocabulary", f"{d['vocab_size']:,} characters"),
+        *[("vocabulary growth", escape(f"{g['base_size']:,} + {len(g['added']):,} characters: "
+                                      f"{_chars(g['added'])}"))
+          for g in d["vocab_growth"]],
         ("steps", number(d["steps"], ",")),
         ("epochs", number(d["epochs"], ".2f")),
         ("best val loss", "?" if best is None else f"{best:.4f} nats ({d['best_val_bpc']:.4f} bits/char)"),

@@ -101,6 +101,13 @@ def _scan_cached(
     return present, total, crlf
 
 
+def scan_code_points(path: str | Path, encoding: str = "utf-8", errors: str = "strict",
+                     use_cache: bool = True) -> np.ndarray:
+    """The distinct code points of a text file (or directory of ``*.txt``), sorted; the scan
+    is cached as for :func:`load_corpus`."""
+    return _scan_cached(resolve_source(path), encoding, errors, use_cache)[0]
+
+
 def _cache_paths(source: Source, vocab: Vocab, encoding: str, errors: str) -> tuple[Path, Path]:
     stem = _cache_stem("ids", source.sha256, vocab.to_json(), encoding, errors)
     return stem.with_suffix(".bin"), stem.with_suffix(".json")
@@ -127,7 +134,8 @@ def _encode_to(out: np.ndarray, source, vocab, encoding, errors, drop_unknown) -
                 shown = "".join(missing[:20])
                 raise DataError(
                     f"{source.name} has {len(missing)}+ characters outside the vocabulary "
-                    f"(e.g. {shown!r}); pass --drop-unknown to drop them"
+                    f"(e.g. {shown!r}); pass --drop-unknown to drop them, or --grow-vocab "
+                    "(with --init-from) to add them"
                 )
             unknown += int(bad.sum())
             ids = ids[~bad]

@@ -57,6 +57,7 @@ class Setup:
     amp: Any  # the autocast context of the precision
     sample_seed: str  # samples continue the start of the training text
     notes: list[str]
+    vocab_growth: list[dict[str, Any]]  # --grow-vocab records, kept through fine-tuning
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
@@ -228,7 +229,7 @@ class Loop:
         run, step, keep = self.run, self.state.step, self.tc.keep_last if evaluated else 0
         ckpt = checkpoint.make_checkpoint(
             run.model, run.cfg, run.vocab, optimizer=run.optimizer.state_dict(),
-            train_file=run.source_info,
+            train_file=run.source_info, vocab_growth=run.vocab_growth,
             train_state=snapshot(self.state, run.batcher, run.model, self.dist, self.elapsed()),
         )
         self.saved_step = step

@@ -13,7 +13,7 @@ characters; the id of a character is its index).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import numpy as np
 
 from charlm.cells import state_names
 from charlm.config import Config
-from charlm.decoding import start_ids
+from charlm.decoding import BEAM_NEEDS_TORCH, StopScan, start_ids
 from charlm.errors import CharlmError, CheckpointError, first_line
 from charlm.extras import require
 from charlm.vocab import Vocab
@@ -111,15 +111,20 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def pick(
-    logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator
+    logits: np.ndarray, temperature: float | np.ndarray, top_k: int, top_p: float,
+    rng: np.random.Generator,
 ) -> np.ndarray:
-    """Inputs: logits (B, V). Returns the next ids (B,) int64, with the rules of
-    :func:`charlm.sample.pick`: greedy when ``temperature == 0``, else sampled at that
+    """Inputs: logits (B, V); temperature a number or one per row (B,). Returns the next ids
+    (B,) int64, with the rules of :func:`charlm.sample.pick`: greedy where the temperature is
+    0, else sampled at that
     temperature from the ``top_k`` most likely characters and the smallest set whose
     probability reaches ``top_p``."""
-    if temperature == 0:
-        return logits.argmax(axis=-1).astype(np.int64)
-    z = logits.astype(np.float64) / temperature  # (B, V)
+    temps = np.broadcast_to(np.asarray(temperature, dtype=np.float64), logits.shape[:1])  # (B,)
+    greedy = temps == 0
+    argmax = logits.argmax(axis=-1).astype(np.int64)
+    if greedy.all():
+        return argmax
+    z = logits.astype(np.float64) / np.where(greedy, 1.0, temps)[:, None]  # (B, V)
     V = z.shape[-1]
     if 0 < top_k < V:
         kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]  # (B, 1)
@@ -136,7 +141,7 @@ def pick(
     # Inverse CDF: the first id whose cumulative probability exceeds u; ``<=`` skips ids of
     # probability 0 even when u is exactly 0.
     u = rng.random((z.shape[0], 1)) * cum[:, -1:]
-    return np.minimum((cum <= u).sum(axis=-1), V - 1).astype(np.int64)
+    return np.where(greedy, argmax, np.minimum((cum <= u).sum(axis=-1), V - 1)).astype(np.int64)
 
 
 def generate(
@@ -144,27 +149,42 @@ def generate(
     vocab: Vocab,
     seed: list[int],
     length: int,
-    temperature: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     num_samples: int = 1,
     random_seed: int | None = None,
     on_step: Callable[[list[int]], None] | None = None,
+    *,
+    stop: Sequence[str] = (),
+    beam: int = 0,
 ) -> list[str]:
-    """Generate ``num_samples`` continuations of ``length`` characters of the seed ids, like
-    :func:`charlm.sample.generate` (same arguments; numpy's random generator, so a random seed
-    gives other text than the PyTorch sampler, while greedy decoding gives the same text).
-    The seed is fed one character per step, as the file holds only the single-step model."""
+    """Generate ``num_samples`` continuations of ``length`` characters of the seed ids (for
+    each temperature when several are given), like :func:`charlm.sample.generate` (same
+    arguments; numpy's random generator, so a random seed gives other text than the PyTorch
+    sampler, while greedy decoding gives the same text). The seed is fed one character per
+    step, as the file holds only the single-step model. Beam search needs the PyTorch model."""
+    if beam:
+        raise CharlmError(BEAM_NEEDS_TORCH)
+    temps = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+    B = num_samples * len(temps)
+    temp = np.repeat(np.asarray(temps, dtype=np.float64), num_samples)  # (B,)
     rng = np.random.default_rng(random_seed)
-    state = model.init_state(num_samples)
+    state = model.init_state(B)
     for i in start_ids(vocab, seed):
-        logits, state = model.step(np.full(num_samples, i), state)  # (B, V)
-    out = np.empty((num_samples, length), dtype=np.int64)
+        logits, state = model.step(np.full(B, i), state)  # (B, V)
+    scan = StopScan(list(stop), B) if stop else None
+    out = np.empty((B, length), dtype=np.int64)
+    steps = 0
     for t in range(length):
-        nxt = pick(logits, temperature, top_k, top_p, rng)  # (B,)
+        nxt = pick(logits, temp, top_k, top_p, rng)  # (B,)
         out[:, t] = nxt
+        steps = t + 1
         if on_step is not None:
             on_step(nxt.tolist())
+        if scan is not None and scan.feed([vocab.chars[i] for i in nxt.tolist()]):
+            break
         if t + 1 < length:
             logits, state = model.step(nxt, state)
-    return [vocab.decode(row) for row in out]
+    texts = [vocab.decode(row) for row in out[:, :steps]]
+    return [scan.cut(i, text) for i, text in enumerate(texts)] if scan is not None else texts

@@ -4,25 +4,35 @@ step, carrying the state, for several streams at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from charlm.decoding import check_options, seed_ids, start_ids  # noqa: F401 - re-exported
-from charlm.model import CharRNN
-from charlm.stepping import make_step
+from charlm.decoding import StopScan, check_options, seed_ids, start_ids  # noqa: F401 - re-exported
+from charlm.model import CharRNN, State
+from charlm.stepping import make_step, own
 from charlm.vocab import Vocab
 
 
 def pick(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+    logits: torch.Tensor, temperature: float | torch.Tensor, top_k: int, top_p: float,
+    generator: torch.Generator,
 ) -> torch.Tensor:
-    """Inputs: logits (B, V). Returns the next ids (B,): greedy when ``temperature == 0``,
-    else sampled from the softmax at that temperature, limited to the ``top_k`` most likely
-    characters and to the smallest set whose probability reaches ``top_p``."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    """Inputs: logits (B, V); temperature a number or one per row (B,). Returns the next ids
+    (B,): greedy where the temperature is 0, else sampled from the softmax at that temperature,
+    limited to the ``top_k`` most likely characters and to the smallest set whose probability
+    reaches ``top_p``."""
+    if not isinstance(temperature, torch.Tensor):
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / temperature
+    else:
+        greedy = temperature == 0  # (B,)
+        if greedy.all():
+            return logits.argmax(dim=-1)
+        argmax = logits.argmax(dim=-1)
+        logits = logits.float() / temperature.masked_fill(greedy, 1.0).unsqueeze(-1)
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -34,7 +44,75 @@ def pick(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    picked = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return picked if not isinstance(temperature, torch.Tensor) else torch.where(greedy, argmax, picked)
+
+
+def warm(model: CharRNN, ids: list[int], state: State | None = None) -> tuple[torch.Tensor, State]:
+    """Run the seed ids through the model in one pass (from ``state``, or a zero state).
+    Returns the logits after the last id (1, V) and the state (batch 1). Only the last
+    position goes through the output layer, so a long seed costs no (T, V) logits."""
+    device = model.head.weight.device
+    x = model.embed(torch.tensor([ids], device=device))  # (1, T, E)
+    out, state = model.rnn(x, state)  # (1, T, H)
+    return model.head(out[:, -1]), state  # (1, V)
+
+
+def repeat_state(state: State, n: int) -> State:
+    """A batch-1 state copied to ``n`` streams."""
+    if isinstance(state, tuple):
+        return tuple(s.repeat(1, n, 1) for s in state)  # type: ignore[return-value]
+    return state.repeat(1, n, 1)
+
+
+@dataclass
+class Run:
+    """What :func:`sample_from` generated: ids (B, length) on the CPU, each row's text length
+    (shorter where a stop text ended it), and the state after the last step (it has seen
+    every generated id but the last of each row, which :func:`sample_from` returns apart)."""
+
+    ids: torch.Tensor
+    lengths: list[int]
+    state: State
+    last: list[int]
+
+
+@torch.inference_mode()
+def sample_from(
+    model: CharRNN, vocab: Vocab, logits: torch.Tensor, state: State, length: int,
+    temperatures: list[float], top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+    random_seed: int | None = None, on_step: Callable[[list[int]], None] | None = None,
+    stop: Sequence[str] = (),
+) -> Run:
+    """Generate from warm ``logits`` (1, V) and ``state`` (batch 1): ``num_samples`` rows for
+    each temperature, in that order, all as one batch. A row ends after its first stop text;
+    the batch runs until every row has ended (or ``length``)."""
+    device = model.head.weight.device
+    g = torch.Generator(device=device)
+    g.manual_seed(random_seed if random_seed is not None else torch.seed())
+    B = num_samples * len(temperatures)
+    logits, state = logits.expand(B, -1), repeat_state(state, B)  # (B, V)
+    temp: float | torch.Tensor = temperatures[0]
+    if len(temperatures) > 1:
+        temp = torch.tensor(temperatures, device=device).repeat_interleave(num_samples)  # (B,)
+    scan = StopScan(list(stop), B) if stop else None
+    step = make_step(model, B, state)  # a CUDA graph on a GPU
+    out = torch.empty(B, length, dtype=torch.long, device=device)
+    steps = 0
+    for t in range(length):
+        nxt = pick(logits, temp, top_k, top_p, g)  # (B,)
+        out[:, t] = nxt
+        steps = t + 1
+        if on_step is not None:
+            on_step(nxt.tolist())
+        if scan is not None and scan.feed([vocab.chars[i] for i in nxt.tolist()]):
+            break
+        if t + 1 < length:
+            logits, state = step(nxt, state)
+    ends = scan.ends if scan is not None else [None] * B
+    last = out[:, steps - 1].tolist() if steps else [None] * B
+    # The state is the graph's own buffer on a GPU: hand back a copy.
+    return Run(out[:, :steps].cpu(), [steps if e is None else e for e in ends], own(state), last)
 
 
 @torch.inference_mode()
@@ -43,32 +121,32 @@ def generate(
     vocab: Vocab,
     seed: list[int],
     length: int,
-    temperature: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     num_samples: int = 1,
     random_seed: int | None = None,
     on_step: Callable[[list[int]], None] | None = None,
+    *,
+    stop: Sequence[str] = (),
+    beam: int = 0,
 ) -> list[str]:
     """Generate ``num_samples`` continuations of ``length`` characters of the seed ids.
 
+    ``temperature`` may be several values: then ``num_samples`` texts for each, in order.
     All samples run as one batch. ``on_step`` receives the new ids (one per sample) after
-    each step, for streaming. Returns the generated texts (without the seed).
+    each step, for streaming (rows that already met a stop text keep being generated until
+    all have, and are cut in the result). ``stop``: each text ends right after its first
+    occurrence of any of these texts. ``beam`` > 0: the single most likely text by beam
+    search of that width (see :mod:`charlm.beam`); the sampling options must be left unset.
+    Returns the generated texts (without the seed).
     """
-    device = model.head.weight.device
-    g = torch.Generator(device=device)
-    g.manual_seed(random_seed if random_seed is not None else torch.seed())
-    seed = start_ids(vocab, seed)
-    ids = torch.tensor([seed], device=device).expand(num_samples, -1)  # (B, T_seed)
-    logits, state = model(ids)  # the seed warms the state in one pass
-    logits = logits[:, -1]  # (B, V)
-    step = make_step(model, num_samples, state)  # a CUDA graph on a GPU
-    out = torch.empty(num_samples, length, dtype=torch.long, device=device)
-    for t in range(length):
-        nxt = pick(logits, temperature, top_k, top_p, g)  # (B,)
-        out[:, t] = nxt
-        if on_step is not None:
-            on_step(nxt.tolist())
-        if t + 1 < length:
-            logits, state = step(nxt, state)
-    return [vocab.decode(row) for row in out.cpu()]
+    temps = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+    if beam:
+        from charlm.beam import beam_search
+
+        return [beam_search(model, vocab, seed, length, beam, stop=stop).text]
+    logits, state = warm(model, start_ids(vocab, seed))
+    run = sample_from(model, vocab, logits, state, length, temps, top_k, top_p, num_samples,
+                      random_seed, on_step, stop)
+    return [vocab.decode(row[:n]) for row, n in zip(run.ids, run.lengths, strict=True)]

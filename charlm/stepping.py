@@ -51,6 +51,13 @@ class GraphStep:
         return self.logits, self._state(self.state_out)
 
 
+def own(state: State) -> State:
+    """A copy of ``state`` that no later step overwrites."""
+    if isinstance(state, tuple):
+        return tuple(t.clone() for t in state)  # type: ignore[return-value]
+    return state.clone()
+
+
 def make_step(model: CharRNN, batch: int, state: State):
     """The fastest one-character step for ``model`` on its device: a CUDA graph of the
     Stepper on a GPU (falling back to the eager Stepper where capture fails), else the

@@ -186,7 +186,7 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
         chars=len(corpus.ids), vocab=vocab, val_ids=val_ids, batcher=batcher, model=model,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         amp=autocast(device, precision), sample_seed=vocab.decode(train_np[: min(8, len(train_np))]),
-        notes=notes,
+        notes=notes, vocab_growth=checkpoint.growth_of(base),
     )
 
 

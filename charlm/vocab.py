@@ -1,4 +1,6 @@
 """Vocabulary: the sorted set of code points of the training text, and char <-> id maps.
+A vocabulary grown for fine-tuning (:meth:`Vocab.grow`) keeps the old characters and ids and
+appends the new characters after them, so it is sorted only within each part.
 
 Encoding is vectorized: the text is viewed as an array of UTF-32 code points and mapped
 through a lookup table, so there is no per-character Python loop.
@@ -34,13 +36,13 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass(frozen=True)
 class Vocab:
-    """Sorted characters; the id of a character is its index."""
+    """Unique characters (sorted, unless grown); the id of a character is its index."""
 
     chars: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if list(self.chars) != sorted(set(self.chars)):
-            raise ValueError("vocabulary characters must be unique and sorted")
+        if len(set(self.chars)) != len(self.chars):
+            raise ValueError("vocabulary characters must be unique")
         cps = np.array([ord(c) for c in self.chars], dtype=np.int64)
         top = int(cps.max()) if len(cps) else 0
         lut = np.full(top + 1, UNKNOWN, dtype=np.int32)
@@ -55,6 +57,13 @@ class Vocab:
     @classmethod
     def from_code_points(cls, cps: np.ndarray) -> Vocab:
         return cls(tuple(chr(int(c)) for c in np.sort(cps)))
+
+    def grow(self, cps: np.ndarray) -> Vocab:
+        """This vocabulary plus the code points ``cps`` it lacks, appended in sorted order:
+        every old character keeps its id."""
+        cps = np.asarray(cps, dtype=np.int64)
+        new = np.unique(cps[self.lookup(cps) == UNKNOWN])
+        return Vocab(self.chars + tuple(chr(int(c)) for c in new))
 
     def __len__(self) -> int:
         return len(self.chars)
