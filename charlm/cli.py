@@ -261,9 +261,13 @@ def train(
 
 
 def _print_summary(r) -> None:
+    import math
+
     from charlm.units import bits
 
-    def nats_and_bits(x: float) -> str:
+    def nats_and_bits(x: float, what: str = "") -> str:
+        if not math.isfinite(x):  # nothing measured yet (stopped before it)
+            return "not evaluated" if what == "val" else "not measured"
         return f"{x:.4f} nats  {bits(x):.4f} bits"
 
     rows = [
@@ -272,10 +276,12 @@ def _print_summary(r) -> None:
         ("steps", f"{r.step:,}"),
         ("characters seen", f"{r.chars_seen:,}"),
         ("time", f"{r.elapsed:,.1f} s"),
-        ("speed", f"{r.chars_per_sec:,.0f} chars/s"),
-        ("train loss", nats_and_bits(r.train_loss)),
-        ("val loss (last)", nats_and_bits(r.val_loss)),
-        ("val loss (best)", nats_and_bits(r.best_val_loss)),
+        ("training speed", f"{r.chars_per_sec:,.0f} chars/s"),
+        ("evaluating", f"{r.eval_seconds:,.1f} s, {r.evaluations:,} evaluation"
+                       + "s" * (r.evaluations != 1)),
+        (f"train loss ({r.train_steps or 'recent'})", nats_and_bits(r.train_loss)),
+        ("val loss (last)", nats_and_bits(r.val_loss, "val")),
+        ("val loss (best)", nats_and_bits(r.best_val_loss, "val")),
         ("parameters", f"{r.num_parameters:,}"),
         ("vocabulary", f"{r.vocab_size:,} characters"),
         ("device", f"{r.device} ({r.precision})"),

@@ -51,8 +51,9 @@ class TrainConfig:
     max_steps: int = 2000
     max_time: float = 0.0
     max_epochs: float = 0.0
-    eval_every: int = 250
-    log_every: int = 50
+    # Evaluate / log every N steps; 0 paces them to the run's limits (charlm.pacing).
+    eval_every: int = 0
+    log_every: int = 0
     seed: int = 1337
     device: str = "auto"
     precision: str = "auto"
@@ -108,8 +109,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "train.max_steps": (0, None, True),
     "train.max_time": (0.0, None, True),
     "train.max_epochs": (0.0, None, True),
-    "train.eval_every": (1, None, True),
-    "train.log_every": (1, None, True),
+    "train.eval_every": (0, None, True),
+    "train.log_every": (0, None, True),
     "train.seed": (0, 2**63 - 1, True),
     "train.threads": (0, 1024, True),
     "train.eval_streams": (1, 1 << 16, True),

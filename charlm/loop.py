@@ -26,6 +26,7 @@ from charlm.distributed import Dist
 from charlm.evaluate import mean_loss
 from charlm.model import CharRNN, detach_state
 from charlm.monitors import Monitor
+from charlm.pacing import Pacer
 from charlm.sample import generate
 from charlm.schedule import lr_at, planned_progress
 from charlm.signals import StopSignals
@@ -80,6 +81,16 @@ class Loop:
         self.sampled_at = state.step
         self.started = time.perf_counter()
         self.rate_t, self.rate_chars = self.started, state.chars_seen
+        tc = self.tc
+        self.pacer = Pacer(tc.eval_every, tc.log_every, tc.max_steps, tc.max_time, tc.max_epochs,
+                           run.batcher.steps_per_epoch, state.step, state.elapsed)
+        # This process's share of the time: evaluating (with its checkpoints and sample) and
+        # training, on the clock the processes agree on.
+        self.eval_seconds = self.sample_seconds = 0.0
+        self.evaluations = self.samples = 0
+        self.first_step, self.first_chars = state.step, state.chars_seen
+        self.train_from = ""  # the steps the last train record covers, e.g. "steps 951-1,000"
+        self.log_from = state.step - state.loss_count
 
     def elapsed(self) -> float:
         return self.state.elapsed + time.perf_counter() - self.started
@@ -92,15 +103,16 @@ class Loop:
         self.run.model.train()
         with StopSignals(announce=self.main) as signals:
             while not (stopped := self.stop_reason(signals)):
-                outcome = self.train_step()
+                due = self.pacer.due(s.step + 1, self.now)
+                outcome = self.train_step(check=due.log)
                 if outcome == "nan":
                     stopped = "nan"
                     break
                 if outcome == "skipped":
                     continue
-                if s.step % tc.log_every == 0:
+                if due.log:
                     self.log()
-                if s.step % tc.eval_every == 0:
+                if due.eval:
                     if not self.evaluate_and_save():
                         stopped = "nan"
                         break
@@ -108,7 +120,24 @@ class Loop:
                     if tc.patience and s.evals_since_best >= tc.patience:
                         stopped = "patience"
                         break
-        return self.finish(stopped)
+        # A run that ends (not a pause or an interrupt, which resume mid-interval) ends with
+        # a train record of its last steps, its final evaluation and a sample.
+        ends = stopped not in ("nan", "interrupted", "stop_at_step")
+        if ends and s.loss_count:
+            self.log()
+        stopped = self.finish(stopped)
+        if ends and stopped != "nan" and self.sampled_at != s.step:
+            self.sample(final=True)
+        return stopped
+
+    def training_seconds(self) -> float:
+        """Seconds this process spent training (not evaluating, saving or sampling)."""
+        return max(self.elapsed() - self.state.elapsed - self.eval_seconds - self.sample_seconds,
+                   1e-9)
+
+    def train_speed(self) -> float:
+        """Characters per second of training in this process."""
+        return (self.state.chars_seen - self.first_chars) / self.training_seconds()
 
     def stop_reason(self, signals: StopSignals) -> str:
         """The stopping rules, checked before every step: why to stop, or "" to go on."""
@@ -118,7 +147,7 @@ class Loop:
         self.now = dist.agree(self.elapsed()) if tc.max_time else self.elapsed()
         if tc.max_steps and s.step >= tc.max_steps:
             return "max_steps"
-        if tc.max_time and self.now >= tc.max_time:
+        if tc.max_time and self.now + self.reserve() >= tc.max_time:
             return "max_time"
         if tc.max_epochs and self.run.batcher.progress >= tc.max_epochs:
             return "max_epochs"
@@ -128,8 +157,22 @@ class Loop:
             return "interrupted"
         return ""
 
-    def train_step(self) -> str:
-        """One optimizer step on the next batch; returns "ok", "skipped" or "nan"."""
+    def reserve(self) -> float:
+        """With a time limit: seconds to keep for the end of the run (one more step, the
+        final evaluation and save, the final sample), from what they took so far. The same
+        on every process: it is made of times on the agreed clock."""
+        steps = self.state.step - self.first_step
+        if not steps:
+            return 0.0
+        trained = self.now - self.state.elapsed - self.eval_seconds - self.sample_seconds
+        per_step = max(trained, 0.0) / steps
+        per_char = per_step / (self.tc.batch_size * self.tc.seq_len * self.dist.world)
+        return (per_step + self.pacer.final_eval_seconds(per_char, len(self.run.val_ids))
+                + self.sample_seconds / max(self.samples, 1))
+
+    def train_step(self, check: bool = True) -> str:
+        """One optimizer step on the next batch; returns "ok", "skipped" or "nan". On an
+        accelerator the NaN guard syncs only when ``check`` (a logged step) or skipping."""
         run, s, tc, dist = self.run, self.state, self.tc, self.dist
         B, T = tc.batch_size, tc.seq_len
         if run.batcher.new_epoch or s.carried is None:
@@ -146,7 +189,7 @@ class Loop:
         self.grad_norm = torch.nn.utils.clip_grad_norm_(
             run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
         )
-        check_now = run.device.type == "cpu" or tc.on_nan == "skip" or (s.step + 1) % tc.log_every == 0
+        check_now = run.device.type == "cpu" or tc.on_nan == "skip" or check
         # Both are >= 0, so the sum is finite exactly when both are. Under fp16 the scaler
         # itself skips steps with inf gradients, so only the loss is watched there.
         watched = loss.detach() if run.scaler.is_enabled() else loss.detach() + self.grad_norm.detach()
@@ -187,6 +230,9 @@ class Loop:
         now = time.perf_counter()
         rate = (s.chars_seen - self.rate_chars) / max(now - self.rate_t, 1e-9)
         self.rate_t, self.rate_chars = now, s.chars_seen
+        first = self.log_from + 1
+        self.train_from = f"step {s.step:,}" if first >= s.step else f"steps {first:,}-{s.step:,}"
+        self.log_from = s.step
         s.loss_sum.zero_()
         s.loss_count = 0
         if self.main:
@@ -202,6 +248,7 @@ class Loop:
         written) when the loss is not finite, so diverged weights never replace the last
         good checkpoint."""
         run, s, tc, dist = self.run, self.state, self.tc, self.dist
+        started = time.perf_counter()
         self.last_val = mean_loss(run.model, run.val_ids, tc.eval_streams, tc.eval_seq_len,
                                   run.amp, dist.rank, dist.world, dist.all_reduce_sum)
         if not math.isfinite(self.last_val):
@@ -219,7 +266,18 @@ class Loop:
                 "best": improved, "elapsed": round(self.elapsed(), 3),
             })
         self.save_checkpoints(evaluated=True, improved=improved)
+        self.evaluations += 1
+        seconds = self.agreed_seconds(started)
+        self.eval_seconds += seconds
+        self.pacer.evaluated(s.step, self.elapsed(), seconds)
+        # The speed of the next train record is of training alone.
+        self.rate_t += time.perf_counter() - started
         return True
+
+    def agreed_seconds(self, started: float) -> float:
+        """Seconds since ``started`` (perf_counter), rank 0's with a time limit."""
+        seconds = time.perf_counter() - started
+        return self.dist.agree(seconds) if self.tc.max_time else seconds
 
     def save_checkpoints(self, evaluated: bool, improved: bool = False) -> None:
         """The checkpoint policy. After an evaluation: best.pt when the validation loss
@@ -243,18 +301,26 @@ class Loop:
                 old.unlink(missing_ok=True)
         self.monitors.on_saved(step, names)
 
-    def sample(self) -> None:
-        """After an evaluation, when train.sample_every says so: the model's continuation of
-        the start of the training text, with the run's seed (so samples are comparable)."""
+    def sample(self, final: bool = False) -> None:
+        """After an evaluation, when train.sample_every says so, and at the end of a run
+        (``final``): the model's continuation of the start of the training text, with the
+        run's seed (so samples are comparable)."""
         run, tc, step = self.run, self.tc, self.state.step
-        due = not tc.sample_every or step // tc.sample_every > self.sampled_at // tc.sample_every
-        if not (self.main and tc.sample_chars and due):
+        due = (final or not tc.sample_every
+               or step // tc.sample_every > self.sampled_at // tc.sample_every)
+        if not (tc.sample_chars and due):
             return
         self.sampled_at = step
-        text = generate(run.model.eval(), run.vocab, run.vocab.encode(run.sample_seed).tolist(),
-                        tc.sample_chars, temperature=0.8, random_seed=tc.seed)[0]
-        run.model.train()
-        self.monitors.on_sample(step, self.last_val, run.sample_seed + text)
+        started = time.perf_counter()
+        if self.main:
+            text = generate(run.model.eval(), run.vocab,
+                            run.vocab.encode(run.sample_seed).tolist(), tc.sample_chars,
+                            temperature=0.8, random_seed=tc.seed)[0]
+            run.model.train()
+            self.monitors.on_sample(step, self.last_val, run.sample_seed + text)
+        self.samples += 1
+        self.sample_seconds += self.agreed_seconds(started)
+        self.rate_t += time.perf_counter() - started
 
     def finish(self, stopped: str) -> str:
         """After the loop: last.pt (and best.pt) describe the end of training, unless it

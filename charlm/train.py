@@ -33,6 +33,7 @@ from charlm.errors import CharlmError, CheckpointError, ConfigError, DataError, 
 from charlm.loop import Loop, Setup
 from charlm.model import build_model
 from charlm.monitors import Header, MetricsFile, Monitor, Monitors, console
+from charlm.pacing import Pacer
 from charlm.runs import run_directory
 from charlm.schedule import lr_at, make_optimizer, planned_progress  # noqa: F401 - re-exported
 from charlm.signals import EXIT_INTERRUPTED  # noqa: F401 - re-exported for the CLI
@@ -46,8 +47,8 @@ class TrainResult:
     stopped: str  # why training ended: max_steps, max_time, max_epochs, patience, ...
     elapsed: float
     chars_seen: int
-    chars_per_sec: float
-    train_loss: float
+    chars_per_sec: float  # of training alone (this process's run), without evaluations
+    train_loss: float  # the mean over the last train record's steps (``train_steps``)
     val_loss: float
     best_val_loss: float
     num_parameters: int
@@ -55,6 +56,9 @@ class TrainResult:
     device: str
     precision: str
     notes: list[str] = field(default_factory=list)
+    train_steps: str = ""  # the steps train_loss is the mean over, e.g. "steps 951-1,000"
+    eval_seconds: float = 0.0  # spent evaluating, saving and sampling
+    evaluations: int = 0
 
 
 def train(
@@ -105,15 +109,19 @@ def train(
             f"loss became NaN or infinite at step {loop.nan_step}; stopped and {kept}; try a "
             f"lower --lr or stronger clipping (--set train.grad_clip=0.5){hint}"
         )
-    last_train = loop.last_train
-    if state.loss_count and math.isnan(last_train):
+    last_train, train_steps = loop.last_train, loop.train_from
+    if state.loss_count and math.isnan(last_train):  # stopped before the first train record
         last_train = float(dist.mean(state.loss_sum / state.loss_count))
+        first = state.step - state.loss_count + 1
+        train_steps = f"steps {first:,}-{state.step:,}" if first < state.step else f"step {first:,}"
     return TrainResult(
         run_dir=run_dir, step=state.step, stopped=stopped, elapsed=total,
-        chars_seen=state.chars_seen, chars_per_sec=state.chars_seen / max(total, 1e-9),
+        chars_seen=state.chars_seen, chars_per_sec=loop.train_speed(),
         train_loss=last_train, val_loss=loop.last_val, best_val_loss=state.best_val_loss,
         num_parameters=run.model.num_parameters(), vocab_size=len(run.vocab),
         device=str(run.device), precision=run.precision, notes=run.notes,
+        train_steps=train_steps, eval_seconds=loop.eval_seconds + loop.sample_seconds,
+        evaluations=loop.evaluations,
     )
 
 
@@ -231,7 +239,8 @@ def header(run: Setup, state: TrainState, run_dir: Path, resumed: bool) -> Heade
         parameters=run.model.num_parameters(), device=str(run.device), precision=run.precision,
         batch_size=tc.batch_size, seq_len=tc.seq_len, world=run.dist.world,
         limits=(", ".join(limits) or "none (Ctrl-C stops and saves)")
-        + f"; evaluate every {tc.eval_every:,} steps, log every {tc.log_every:,}",
+        + "; " + Pacer(tc.eval_every, tc.log_every, tc.max_steps, tc.max_time, tc.max_epochs,
+                       run.batcher.steps_per_epoch).describe(),
         run_dir=run_dir, start_step=state.step, max_steps=tc.max_steps, resumed=resumed,
         best_val_loss=state.best_val_loss, notes=list(run.notes),
     )
