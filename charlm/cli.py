@@ -109,6 +109,18 @@ _SECTIONS = {
 }
 
 
+def _random_seed(random_seed: int | None, seed: int | None) -> int | None:
+    """``train --random-seed``, or its old spelling ``--seed`` (with a note: in ``sample``,
+    --seed is the text to start from)."""
+    if seed is None:
+        return random_seed
+    if random_seed is not None:
+        raise CharlmError("--seed is the old spelling of --random-seed; give only --random-seed")
+    err.print("note: train --seed is deprecated and will be removed; use --random-seed "
+              "(as in every command; in sample, --seed is the text to start from)")
+    return seed
+
+
 def _apply_options(cfg, sets: list[str], **options) -> dict[str, str]:
     """Set the given typed options on ``cfg`` (``--seq-len 64`` sets ``cfg.train.seq_len``),
     then the ``--set`` strings over them. Returns {config key: option} for the fields an
@@ -119,7 +131,8 @@ def _apply_options(cfg, sets: list[str], **options) -> dict[str, str]:
     for name, value in options.items():
         if value is None:
             continue
-        key, option = f"{_SECTIONS.get(name, 'train')}.{name}", "--" + name.replace("_", "-")
+        key = f"{_SECTIONS.get(name, 'train')}.{name}"
+        option = "--random-seed" if name == "seed" else "--" + name.replace("_", "-")
         set_value(cfg, key, value, option)
         sources[key] = option
     apply_sets(cfg, sets)
@@ -128,43 +141,55 @@ def _apply_options(cfg, sets: list[str], **options) -> dict[str, str]:
     return sources
 
 
+def _default(key: str) -> str:
+    """A config field's default, as ``train --help`` shows it (a --config file overrides)."""
+    from charlm.config import Config
+
+    section, _, name = key.partition(".")
+    value = getattr(getattr(Config(), section), name)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 @app.command()
 def train(
     file: Annotated[Path | None, typer.Argument(
         help="UTF-8 text file, or a directory of *.txt files. Default: tiny Shakespeare "
         "(shipped with charlm), or the file a resumed run was trained on.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML config, e.g. configs/cpu.toml.")] = None,
-    cell: Annotated[str | None, typer.Option(help=f"{CELL_CHOICES}.")] = None,
-    hidden_size: Annotated[int | None, typer.Option()] = None,
-    num_layers: Annotated[int | None, typer.Option()] = None,
-    embed_size: Annotated[int | None, typer.Option()] = None,
-    dropout: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Streams per process.")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Window length (BPTT steps).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (0: no limit).")] = None,
-    max_time: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
-    max_epochs: Annotated[float | None, typer.Option(help="Stop after this many epochs.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
-    encoding: Annotated[str | None, typer.Option(help="Text encoding of FILE.")] = None,
-    patience: Annotated[int | None, typer.Option(help="Stop after K evaluations without a new best.")] = None,
-    keep_last: Annotated[int | None, typer.Option(help="Also keep the last K step checkpoints.")] = None,
-    sample_every: Annotated[int | None, typer.Option(help="Print a sample every N steps (at evaluations).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config, e.g. configs/cpu.toml; options given here override it.")] = None,
+    cell: Annotated[str | None, typer.Option(help=f"Recurrent cell: {CELL_CHOICES}.", show_default=_default("model.cell"))] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="Units in each recurrent layer.", show_default=_default("model.hidden_size"))] = None,
+    num_layers: Annotated[int | None, typer.Option(help="Stacked recurrent layers.", show_default=_default("model.num_layers"))] = None,
+    embed_size: Annotated[int | None, typer.Option(help="Size of each character's embedding vector.", show_default=_default("model.embed_size"))] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout between layers and before the output layer, in [0, 1).", show_default=_default("model.dropout"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Streams per process.", show_default=_default("train.batch_size"))] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Window length (BPTT steps).", show_default=_default("train.seq_len"))] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.", show_default=_default("train.lr"))] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (0: no limit).", show_default=_default("train.max_steps"))] = None,
+    max_time: Annotated[float | None, typer.Option(help="Stop so that the whole run, final evaluation included, takes this many seconds (0: no limit).", show_default=_default("train.max_time"))] = None,
+    max_epochs: Annotated[float | None, typer.Option(help="Stop after this many epochs (0: no limit).", show_default=_default("train.max_epochs"))] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: about 12 times over the run's limit).", show_default=_default("train.eval_every"))] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log the training loss every N steps (0: about 50 times over the run's limit).", show_default=_default("train.log_every"))] = None,
+    random_seed: Annotated[int | None, typer.Option(help="Random seed (initial weights, data order, dropout, samples).", show_default=_default("train.seed"))] = None,
+    seed: Annotated[int | None, typer.Option(hidden=True, help="Deprecated spelling of --random-seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", show_default=_default("train.device"))] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.", show_default=_default("train.precision"))] = None,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding of FILE.", show_default=_default("data.encoding"))] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop after K evaluations without a new best (0: never).", show_default=_default("train.patience"))] = None,
+    keep_last: Annotated[int | None, typer.Option(help="Also keep the last K step checkpoints.", show_default=_default("train.keep_last"))] = None,
+    sample_every: Annotated[int | None, typer.Option(help="Print a sample every N steps (at evaluations; 0: at every evaluation).", show_default=_default("train.sample_every"))] = None,
     no_samples: Annotated[bool, typer.Option("--no-samples", help="Print no samples during training.")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<stem>-<cell>).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any field: section.key=value (repeatable).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue a run: its directory or a checkpoint.")] = None,
     init_from: Annotated[Path | None, typer.Option(help="Start a new run from a checkpoint's weights.")] = None,
-    allow_other_data: Annotated[bool, typer.Option(help="Resume on a file other than the run's.")] = False,
-    drop_unknown: Annotated[bool, typer.Option(help="Drop characters outside an --init-from vocabulary.")] = False,
-    grow_vocab: Annotated[bool, typer.Option(help="Add the text's new characters to an --init-from vocabulary.")] = False,
+    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="Resume on a file other than the run's.")] = False,
+    drop_unknown: Annotated[bool, typer.Option("--drop-unknown", help="Drop characters outside an --init-from vocabulary.")] = False,
+    grow_vocab: Annotated[bool, typer.Option("--grow-vocab", help="Add the text's new characters to an --init-from vocabulary.")] = False,
     stop_at_step: Annotated[int, typer.Option(help="Pause at this step (resumable; the schedule is unchanged).")] = 0,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="A progress bar, or one plain line per log step and evaluation. Default: the bar when stderr is a terminal.")] = None,
-    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help='Also write TensorBoard logs into the run directory (pip install "charlm[tensorboard]").')] = None,
-    dist_timeout: Annotated[float | None, typer.Option(help="Under torchrun: seconds to wait for a stalled process before all stop (default 300).")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help='Also write TensorBoard logs into the run directory (pip install "charlm\\[tensorboard]").')] = None,
+    dist_timeout: Annotated[float | None, typer.Option(help="Under torchrun: seconds to wait for a stalled process before all stop.", show_default="300")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the model's size, and exit without training.")] = False,
 ) -> None:
     """Train a model on a text file. Under torchrun, trains one model over all processes."""
     from charlm import checkpoint
@@ -216,7 +241,8 @@ def train(
             cfg, list(set_ or []),
             cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
             dropout=dropout, batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=max_steps,
-            max_time=max_time, max_epochs=max_epochs, eval_every=eval_every, seed=seed,
+            max_time=max_time, max_epochs=max_epochs, eval_every=eval_every,
+            log_every=log_every, seed=_random_seed(random_seed, seed),
             device=device, precision=precision, encoding=encoding, patience=patience,
             keep_last=keep_last, sample_every=sample_every, tensorboard=tensorboard,
         )
@@ -229,6 +255,15 @@ def train(
                 err.print(f"training on tiny Shakespeare: {file}")
         if stop_at_step < 0:
             raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
+        if dry_run:
+            from charlm.train import dry_run as plan
+
+            if dist.rank == 0:
+                r = plan(file, cfg, resume_ckpt or init_ckpt)
+                out.print(r.config_toml.rstrip(), markup=False, highlight=False)
+                err.print(f"model: {r.num_parameters:,} parameters, vocabulary "
+                          f"{r.vocab_size:,} characters; dry run: nothing trained")
+            return
         if grow_vocab:
             from charlm.data import scan_code_points
 

@@ -246,6 +246,29 @@ def header(run: Setup, state: TrainState, run_dir: Path, resumed: bool) -> Heade
     )
 
 
+@dataclass
+class DryRun:
+    config_toml: str  # the resolved config, as the run directory's config.toml would hold it
+    vocab_size: int
+    num_parameters: int
+
+
+def dry_run(text_path: str | Path, cfg: Config, base: dict[str, Any] | None = None) -> DryRun:
+    """What ``charlm train`` would train, without training: the resolved config, and the
+    vocabulary size (of the text, or of ``base``, a resumed or --init-from checkpoint) and
+    the model's parameter count. Reads the text's characters (cached), nothing else."""
+    from charlm.data import scan_code_points
+
+    validate(cfg)
+    if base is not None:
+        vocab_size = len(checkpoint.vocab_of(base))
+    else:
+        vocab_size = len(scan_code_points(text_path, cfg.data.encoding, cfg.data.errors))
+    with torch.device("meta"):  # shapes only: no memory for the weights of a large model
+        model = build_model(vocab_size, cfg.model)
+    return DryRun(to_toml(cfg), vocab_size, model.num_parameters())
+
+
 def run(path: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
         out: str | os.PathLike | None = None, progress: bool = True, **overrides: Any):
     """The Python API's ``charlm.train(...)``: train a new model on ``path`` (a text file or

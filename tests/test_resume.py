@@ -150,7 +150,7 @@ def test_resume_accumulates_wall_time_and_keeps_the_config(tmp_path, short_text)
     assert first < final <= result.elapsed
     assert (run / "config.toml").read_text() == config_text
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
-    assert steps == [4, 8, 12, 16, 20, 24, 28]
+    assert steps == [4, 8, 12, 16, 20, 24, 28, 30]  # and a record of the last steps at the end
     # A longer run: the new limit is recorded in the run's config and checkpoint.
     proc = run_cli("train", "--resume", run, "--max-steps", "34", "--no-progress")
     assert proc.returncode == 0, proc.stderr

@@ -119,7 +119,8 @@ def test_max_time_stops(pattern_file, tmp_path):
     cfg.train.max_time = 0.5
     result = train(pattern_file, cfg, out_dir=tmp_path / "run", progress=False)
     assert result.stopped == "max_time"
-    assert 0.5 <= result.elapsed < 10 and result.step > 0
+    # The final evaluation fits in the limit: training stops a little before it.
+    assert 0.25 <= result.elapsed < 10 and result.step > 0
 
 
 def test_max_epochs_stops(pattern_file, tmp_path):
