@@ -74,10 +74,13 @@ class Model:
         return [prefix + text for text in texts]
 
     def evaluate(self, text_or_path: str | os.PathLike, *, encoding: str = "utf-8",
-                 errors: str = "strict", precision: str = "fp32"):
+                 errors: str = "strict", precision: str = "fp32", unknown: str = "drop",
+                 on_progress: Callable[[int, int], None] | None = None):
         """Mean loss over a text, as ``charlm eval`` computes it: returns an
         :class:`charlm.evaluate.EvalResult` with ``loss`` (nats/char), ``bpc`` (bits/char),
-        ``perplexity``, ``chars`` and ``unknown`` (characters outside the vocabulary, dropped).
+        ``perplexity``, ``chars`` and ``unknown`` (characters outside the vocabulary: dropped,
+        or with ``unknown="charge"`` each counted at ``charlm.evaluate.UNKNOWN_BITS``).
+        ``on_progress(done, total)`` follows the characters evaluated.
 
         A ``pathlib.Path`` (any path-like), or a one-line ``str`` naming an existing file, is
         read as a file (``encoding``, ``errors`` as for training); any other ``str`` is the
@@ -95,7 +98,8 @@ class Model:
             text = Path(text_or_path) if one_line and os.path.isfile(text_or_path) else text_or_path
         else:
             raise TypeError(f"evaluate() takes a str or a path, not {type(text_or_path).__name__}")
-        return evaluate_model(self.network, self.vocab, text, precision, encoding, errors)
+        return evaluate_model(self.network, self.vocab, text, precision, encoding, errors,
+                              unknown, on_progress, newline=self.config.data.newline)
 
 
 def load(path: str | os.PathLike, device: str = "cpu") -> Model:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -84,6 +85,16 @@ def _print_json(document: dict) -> None:
 
 
 JSON_OPTION = typer.Option("--json", help="Print one JSON document (fields: see README) instead of a table.")
+
+
+def _checkpoint(path: Path) -> Path:
+    """A checkpoint option or argument: a file, or a run directory (its best.pt, said)."""
+    from charlm.runs import checkpoint_in
+
+    found = checkpoint_in(path)
+    if found != path:
+        err.print(Text(f"using {found}", style="dim"), soft_wrap=True)
+    return found
 
 
 def _show_version(value: bool) -> None:
@@ -233,7 +244,7 @@ def train(
         else:
             cfg = Config()
             if init_from is not None:
-                init_ckpt = checkpoint.load(init_from)
+                init_ckpt = checkpoint.load(_checkpoint(init_from))
                 cfg.model = checkpoint.config_of(init_ckpt).model
         if config is not None:
             cfg = load_toml(config, cfg)
@@ -267,7 +278,8 @@ def train(
         if grow_vocab:
             from charlm.data import scan_code_points
 
-            present = scan_code_points(file, cfg.data.encoding, cfg.data.errors)
+            present = scan_code_points(file, cfg.data.encoding, cfg.data.errors,
+                                       newline=cfg.data.newline)
             init_ckpt, added = checkpoint.grow_vocab(init_ckpt, present)
             if dist.rank == 0:
                 err.print(f"vocabulary grown by {len(added)} characters: {_chars(added)}" if added
@@ -355,7 +367,7 @@ def _print_loss_curve(run_dir: Path) -> None:
 # --------------------------------------------------------------------------------- sample
 @app.command()
 def sample(
-    checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint (default: best.pt of the newest run under runs/).")] = None,
+    checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint, export or run directory (default: best.pt of the newest run under runs/).")] = None,
     seed: Annotated[str, typer.Option("--seed", "-s", help="Text to start from.")] = "",
     seed_file: Annotated[str | None, typer.Option("--seed-file", metavar="PATH", help="Start from the text of a file (any length; - for standard input). It is not echoed.")] = None,
     length: Annotated[int, typer.Option("--length", "-n", help="Characters to generate.")] = 500,
@@ -363,12 +375,13 @@ def sample(
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely (0: all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1: off).")] = 1.0,
     num_samples: Annotated[int, typer.Option(help="Independent samples, generated as one batch.")] = 1,
-    random_seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
+    random_seed: Annotated[int | None, typer.Option(help="Same seed, same text from the same file (an .onnx export samples with numpy's generator, so its text differs from the .pt's; greedy -t 0 text is the same).")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", metavar="TEXT", help="End each sample right after this text (repeatable; \\n is a newline).")] = None,
     beam: Annotated[int, typer.Option(help="Beam search of this width: the most likely text (0: sample).")] = 0,
-    drop_unknown: Annotated[bool, typer.Option(help="Drop seed characters outside the vocabulary.")] = False,
+    drop_unknown: Annotated[bool, typer.Option("--drop-unknown", help="Drop seed characters outside the vocabulary.")] = False,
+    no_echo: Annotated[bool, typer.Option("--no-echo", help="Print only the continuation, not the seed text.")] = False,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Continue each line you type (Ctrl-D or Ctrl-C ends).")] = False,
-    keep_state: Annotated[bool, typer.Option(help="With --interactive: carry the model's state across turns.")] = False,
+    keep_state: Annotated[bool, typer.Option("--keep-state", help="With --interactive: carry the model's state across turns.")] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Generate text from a seed string."""
@@ -400,6 +413,8 @@ def sample(
 
         checkpoint_path = latest_checkpoint()
         err.print(f"using {checkpoint_path}", style="dim")
+    else:
+        checkpoint_path = _checkpoint(checkpoint_path)
     lm = load(checkpoint_path, device)  # what the Python API's charlm.load() gives
     model, vocab = lm.network, lm.vocab
     check_stops(vocab, stops)
@@ -415,15 +430,21 @@ def sample(
         err.print(f"dropped {dropped} seed character{'s' * (dropped != 1)} outside the vocabulary")
         seed = vocab.decode(ids)  # what the model continues from
     seed_text = vocab.decode(ids)
-    if seed_file is not None:
+    if seed_file is not None or no_echo:
         seed = ""  # a file can be long: print only what the model adds
-    stream = num_samples == 1 and len(temps) == 1 and not beam
-
-    streamed = [seed]
+    if num_samples > 1 and 0.0 in temps:
+        err.print(f"note: temperature 0 is greedy: its {num_samples} samples are identical")
+    labels = sample_labels(temps, num_samples)
+    headed = len(labels) > 1
+    # The first sample is printed as it is generated (the others come with it, as one batch,
+    # and are printed after it), so `charlm sample | head` returns at once.
+    streamed: list[str] = []
 
     def on_step(new_ids: list[int]) -> None:
-        streamed[0] = vocab.chars[new_ids[0]]
-        sys.stdout.write(streamed[0])
+        if streamed and any("".join(streamed).endswith(t) for t in stops):
+            return  # its text ended at a stop text; the batch goes on for the others
+        streamed.append(vocab.chars[new_ids[0]])
+        sys.stdout.write(streamed[-1])
         sys.stdout.flush()
 
     try:
@@ -436,17 +457,14 @@ def sample(
             err.print(f"beam {beam}: log-probability {r.logprob:.4f} nats over {len(r.ids)} "
                       f"characters ({r.score:.4f} per character)")
             return
-        if stream:
-            sys.stdout.write(seed)
-            sys.stdout.flush()
+        sys.stdout.write((f"--- {labels[0]} ---\n" if headed else "") + seed)
+        sys.stdout.flush()
         texts = lm.generate(seed_text, length, temps, top_k, top_p, num_samples, random_seed,
-                            include_seed=False, on_step=on_step if stream else None, stop=stops)
-        if stream:
-            sys.stdout.write(_line(streamed[0])[len(streamed[0]):])
-        else:
-            for i, (label, text) in enumerate(zip(sample_labels(temps, num_samples), texts,
-                                                  strict=True)):
-                sys.stdout.write(f"{'' if i == 0 else chr(10)}--- {label} ---\n{_line(seed + text)}")
+                            include_seed=False, on_step=on_step, stop=stops)
+        first = "".join(streamed)
+        sys.stdout.write(_line(seed + texts[0])[len(seed) + len(first):])
+        for label, text in zip(labels[1:], texts[1:], strict=True):
+            sys.stdout.write(f"\n--- {label} ---\n{_line(seed + text)}")
         sys.stdout.flush()
     except BrokenPipeError:
         _reader_gone()
@@ -499,16 +517,29 @@ def _reader_gone() -> None:
 # ---------------------------------------------------------------------------- eval / info
 @app.command("eval")
 def eval_(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint, a .safetensors export, or a run directory (its best.pt).")],
     file: Annotated[Path, typer.Argument(help="Text file to evaluate on.")],
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")] = "auto",
     encoding: Annotated[str, typer.Option(help="Text encoding of FILE.")] = "utf-8",
+    unknown: Annotated[str, typer.Option(metavar="drop|charge", help="Characters outside the model's vocabulary: drop them (bits/char over the rest), or charge each log2(1,114,112) = 20.09 bits (the cost of naming any Unicode code point), so that texts with such characters compare.")] = "drop",
+    precision: Annotated[str, typer.Option(help="fp32 (exact), or auto/bf16/fp16: faster autocast, as in training.")] = "fp32",
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="A progress bar. Default: when stderr is a terminal.")] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Loss of a checkpoint over a whole text file."""
     from charlm.api import load
 
-    r = load(checkpoint_path, device).evaluate(file, encoding=encoding)
+    checkpoint_path = _checkpoint(checkpoint_path)
+    lm = load(checkpoint_path, device)
+    show = sys.stderr.isatty() if progress is None else progress
+    with _progress_bar(show, "evaluating", "char") as on_progress:
+        r = lm.evaluate(file, encoding=encoding, unknown=unknown, precision=precision,
+                        on_progress=on_progress)
+    if r.unknown:
+        what = (f"each charged {r.to_dict()['unknown_bits']:.2f} bits" if r.unknown_mode == "charge"
+                else "dropped: bits/char is over the rest (--unknown charge counts them)")
+        err.print(f"warning: {r.unknown:,} characters ({r.unknown_share:.1%}) of the text are "
+                  f"outside the model's vocabulary; {what}", soft_wrap=True)
     if as_json:
         _print_json({"checkpoint": str(checkpoint_path), "file": str(file), **r.to_dict()})
         return
@@ -519,18 +550,41 @@ def eval_(
         ("bits per char", f"{r.bpc:.4f}"),
         ("perplexity", f"{r.perplexity:.3f}"),
         ("characters", f"{r.chars:,}"),
-        ("outside vocabulary", f"{r.unknown:,} (dropped)"),
+        ("outside vocabulary", f"{r.unknown:,} ({r.unknown_share:.1%}, "
+                               f"{'charged' if r.unknown_mode == 'charge' else 'dropped'})"),
     ]))
+
+
+@contextmanager
+def _progress_bar(show: bool, what: str, unit: str):
+    """A tqdm bar on stderr when ``show``; yields the callback ``(done, total)`` feeding it
+    (None without a bar)."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=what, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 @app.command()
 def info(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint, or a run directory (its best.pt).")],
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Describe a checkpoint."""
     from charlm import checkpoint
 
+    checkpoint_path = _checkpoint(checkpoint_path)
     d = checkpoint.describe(checkpoint.read(checkpoint_path))
     if as_json:
         _print_json({"checkpoint": str(checkpoint_path), **d})
@@ -564,7 +618,7 @@ def info(
 
 @app.command()
 def export(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .pt checkpoint (or a .safetensors export).")],
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .pt checkpoint (or a .safetensors export), or a run directory (its best.pt).")],
     format_: Annotated[str, typer.Option("--format", "-f", help="safetensors or onnx.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (default: CHECKPOINT with the suffix of the format).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
@@ -572,7 +626,7 @@ def export(
     """Export a checkpoint as safetensors or ONNX, verified against PyTorch."""
     from charlm.export import TOLERANCE, export_checkpoint
 
-    r = export_checkpoint(checkpoint_path, format_, output, force)
+    r = export_checkpoint(_checkpoint(checkpoint_path), format_, output, force)
     batches = " and ".join(str(b) for b in r.batches)
     _print_table(out, _table("charlm export", [
         ("file", str(r.path)),
@@ -586,7 +640,7 @@ def export(
 @app.command()
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Run directories to compare.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG file (default: RUN_DIR/loss.png, or loss.png for several runs).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="A .png, .svg or .pdf file (default: RUN_DIR/loss.png, or loss.png for several runs).")] = None,
     width: Annotated[int, typer.Option(help="Image width in pixels.")] = 1200,
     height: Annotated[int, typer.Option(help="Image height in pixels.")] = 480,
 ) -> None:
@@ -594,6 +648,8 @@ def plot(
     from charlm.plot import plot_runs
 
     r = plot_runs(run_dirs, output, width=width, height=height)
+    for why in r.skipped:
+        err.print(Text(f"warning: skipped {why}"), soft_wrap=True)
     runs_text = "1 run" if r.runs == 1 else f"{r.runs} runs"
     out.print(f"wrote {r.path} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
 
@@ -611,32 +667,38 @@ def _duration(seconds: float) -> str:
 @app.command()
 def runs(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Folder of run directories.")] = Path("runs"),
+    text: Annotated[str | None, typer.Option("--text", metavar="NAME", help="Only the runs trained on the text of this name (as the text column shows it).")] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
-    """List the runs in DIR (default runs/), best validation loss first."""
+    """List the runs in DIR (default runs/) by training text, best validation loss first."""
     from datetime import datetime
 
     from charlm.runs import list_runs
 
-    found = list_runs(directory)
+    found = list_runs(directory, text)
     if as_json:
         _print_json({"directory": str(directory), "runs": [r.to_dict() for r in found]})
         return
     if not found:
-        out.print(f"no runs in {directory} yet; start one with: charlm train")
+        out.print(f"no runs on {text} in {directory}" if text is not None
+                  else f"no runs in {directory} yet; start one with: charlm train", markup=False)
         return
     # A light box, and no padding on narrow terminals; no cell ever wraps: a table wider than
     # the terminal is printed whole (see _print_table).
-    table = Table(title=f"runs in {directory}, best validation loss first", title_justify="left",
+    table = Table(title=f"runs in {directory} by training text, best validation loss first",
+                  title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   padding=(0, 1) if out.width >= 100 else (0, 0))
-    for name in ("run", "cell", "size", "steps", "val loss", "bits/char", "chars/s", "time", "date"):
-        table.add_column(name, justify="left" if name in ("run", "cell", "date") else "right",
+    for name in ("text", "run", "cell", "size", "steps", "val loss", "bits/char", "chars/s",
+                 "time", "date"):
+        table.add_column(name, justify="left" if name in ("text", "run", "cell", "date") else "right",
                          no_wrap=True)
-    for r in found:
+    for i, r in enumerate(found):
         size = "?" if r.hidden_size is None else f"{r.hidden_size}x{r.num_layers or '?'}"
+        same_text = i > 0 and found[i - 1].text == r.text
         table.add_row(
-            r.name, r.cell or "?", size, f"{r.steps:,}",
+            "" if same_text else escape(r.text or "?"), r.name, r.cell or "?", size,
+            f"{r.steps:,}",
             "-" if r.best_val_loss is None else f"{r.best_val_loss:.4f}",
             "-" if r.best_val_bpc is None else f"{r.best_val_bpc:.4f}",
             "-" if r.chars_per_sec is None else f"{r.chars_per_sec:,.0f}",
@@ -650,9 +712,10 @@ def runs(
 def bench(
     config: Annotated[Path | None, typer.Option(help="TOML config whose model and batch to measure.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any field: section.key=value.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", show_default=_default("train.device"))] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.", show_default=_default("train.precision"))] = None,
     steps: Annotated[int, typer.Option(min=2, max=100_000, help="Training steps to time.")] = 30,
+    random_seed: Annotated[int | None, typer.Option(help="Random seed of the weights and batches.", show_default=_default("train.seed"))] = None,
     sample_length: Annotated[int, typer.Option(min=10, max=10_000_000, help="Characters per sampling run.")] = 2000,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
@@ -661,7 +724,8 @@ def bench(
     from charlm.config import Config, load_toml, validate
 
     cfg = load_toml(config) if config else Config()
-    validate(cfg, _apply_options(cfg, list(set_ or []), device=device, precision=precision))
+    validate(cfg, _apply_options(cfg, list(set_ or []), device=device, precision=precision,
+                                 seed=random_seed))
     r = benchmark.run(cfg, steps=steps, sample_length=sample_length)
     m = cfg.model
     if as_json:
@@ -682,9 +746,29 @@ def bench(
 
 
 # ---------------------------------------------------------------------------------- entry
+def _flags_as_flags(command) -> None:
+    """Help shows a boolean option as a bare flag (``--dry-run``), not ``--dry-run <bool>``:
+    typer gives every option a type label, which says nothing for a flag."""
+    make_help = command.get_help_option
+
+    def help_option(ctx):
+        option = make_help(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for param in command.params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _flags_as_flags(sub)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: library errors become one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
+    _flags_as_flags(command)
     try:
         # Typer returns the code of an Exit (including 130 for Ctrl-C) instead of raising it.
         code = command.main(args=argv, prog_name="charlm", standalone_mode=False)

@@ -35,6 +35,9 @@ class DataConfig:
     encoding: str = "utf-8"
     # "strict" refuses undecodable bytes; "replace" maps them to U+FFFD.
     errors: str = "strict"
+    # "normalize" reads CRLF and lone CR line endings as \n (as Python's text mode does);
+    # "keep" keeps them as characters of the vocabulary.
+    newline: str = "normalize"
 
 
 @dataclass
@@ -123,6 +126,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.cell": CELLS,
     "data.errors": ("strict", "replace"),
+    "data.newline": ("normalize", "keep"),
     "train.precision": PRECISIONS,
     "train.on_nan": ("stop", "skip"),
 }

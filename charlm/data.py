@@ -25,7 +25,7 @@ import torch
 
 from charlm.atomic import atomic_write_text
 from charlm.errors import CharlmError, DataError
-from charlm.text import Source, iter_text, resolve_source
+from charlm.text import Source, read_text, resolve_source
 from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype
 
 
@@ -48,19 +48,20 @@ class Corpus:
     vocab: Vocab
     source: Source
     unknown: int  # characters dropped because they are not in the vocabulary
-    crlf: bool  # the text has Windows line endings (kept as they are)
+    crlf: bool  # the file has Windows (CRLF) or old Mac (CR) line endings
+    newline: str = "normalize"  # what was done with them: "normalize" to \n, or "keep"
 
 
-def _scan(source: Source, encoding: str, errors: str) -> tuple[np.ndarray, int, bool]:
-    """Read the whole text; returns (code points present, number of chars, has CRLF)."""
+def _scan(source: Source, encoding: str, errors: str,
+          newline: str = "normalize") -> tuple[np.ndarray, int, bool]:
+    """Read the whole text; returns (code points present, number of chars, has CR)."""
     counts = np.zeros(0x110000, dtype=np.int64)
     total = 0
-    crlf = False
-    for chunk in iter_text(source, encoding, errors):
+    crlf = [False]
+    for chunk in read_text(source, encoding, errors, newline, crlf):
         counts += np.bincount(code_points(chunk), minlength=0x110000)
         total += len(chunk)
-        crlf = crlf or "\r\n" in chunk
-    return np.flatnonzero(counts), total, crlf
+    return np.flatnonzero(counts), total, crlf[0]
 
 
 def _cache_stem(kind: str, *parts: str) -> Path:
@@ -79,11 +80,11 @@ def _write_cache_file(path: Path, meta: dict) -> None:
 
 
 def _scan_cached(
-    source: Source, encoding: str, errors: str, use_cache: bool
+    source: Source, encoding: str, errors: str, use_cache: bool, newline: str = "normalize"
 ) -> tuple[np.ndarray, int, bool]:
     """:func:`_scan`, kept in the cache by the text's SHA-256, so a second run of the same
     text reads the result instead of the text."""
-    path = _cache_stem("scan", source.sha256, encoding, errors).with_suffix(".json")
+    path = _cache_stem("scan", source.sha256, encoding, errors, newline).with_suffix(".json")
     if use_cache:
         try:
             meta = json.loads(path.read_text())
@@ -95,21 +96,22 @@ def _scan_cached(
                 return present, total, crlf
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    present, total, crlf = _scan(source, encoding, errors)
+    present, total, crlf = _scan(source, encoding, errors, newline)
     if use_cache:
         _write_cache_file(path, {"code_points": present.tolist(), "total": total, "crlf": crlf})
     return present, total, crlf
 
 
 def scan_code_points(path: str | Path, encoding: str = "utf-8", errors: str = "strict",
-                     use_cache: bool = True) -> np.ndarray:
+                     use_cache: bool = True, newline: str = "normalize") -> np.ndarray:
     """The distinct code points of a text file (or directory of ``*.txt``), sorted; the scan
     is cached as for :func:`load_corpus`."""
-    return _scan_cached(resolve_source(path), encoding, errors, use_cache)[0]
+    return _scan_cached(resolve_source(path), encoding, errors, use_cache, newline)[0]
 
 
-def _cache_paths(source: Source, vocab: Vocab, encoding: str, errors: str) -> tuple[Path, Path]:
-    stem = _cache_stem("ids", source.sha256, vocab.to_json(), encoding, errors)
+def _cache_paths(source: Source, vocab: Vocab, encoding: str, errors: str,
+                 newline: str) -> tuple[Path, Path]:
+    stem = _cache_stem("ids", source.sha256, vocab.to_json(), encoding, errors, newline)
     return stem.with_suffix(".bin"), stem.with_suffix(".json")
 
 
@@ -122,10 +124,11 @@ def _load_cached(bin_path: Path, meta_path: Path) -> tuple[np.ndarray, dict] | N
     return ids, meta
 
 
-def _encode_to(out: np.ndarray, source, vocab, encoding, errors, drop_unknown) -> tuple[int, int]:
+def _encode_to(out: np.ndarray, source, vocab, encoding, errors, drop_unknown,
+               newline) -> tuple[int, int]:
     """Encode ``source`` into ``out``; returns (ids written, unknown characters dropped)."""
     n = unknown = 0
-    for chunk in iter_text(source, encoding, errors):
+    for chunk in read_text(source, encoding, errors, newline):
         ids = vocab.lookup(code_points(chunk))
         bad = ids == UNKNOWN
         if bad.any():
@@ -151,23 +154,26 @@ def load_corpus(
     errors: str = "strict",
     drop_unknown: bool = False,
     use_cache: bool = True,
+    newline: str = "normalize",
 ) -> Corpus:
     """Read and encode a text file (or directory of ``*.txt``).
 
     With ``vocab=None`` the vocabulary is built from the text; otherwise characters outside
-    ``vocab`` are an error, or dropped and counted when ``drop_unknown``.
+    ``vocab`` are an error, or dropped and counted when ``drop_unknown``. ``newline``:
+    "normalize" reads CRLF and CR line endings as ``\n`` (as Python's text mode does),
+    "keep" keeps them as characters.
     """
     source = resolve_source(path)
-    present, total, crlf = _scan_cached(source, encoding, errors, use_cache)
+    present, total, crlf = _scan_cached(source, encoding, errors, use_cache, newline)
     if total == 0 or not any(chr(int(c)).strip() for c in present):
         raise DataError(f"{source.name} is empty or only whitespace; nothing to train on")
     if vocab is None:
         vocab = Vocab.from_code_points(present)
-    bin_path, meta_path = _cache_paths(source, vocab, encoding, errors)
+    bin_path, meta_path = _cache_paths(source, vocab, encoding, errors, newline)
     cached = _load_cached(bin_path, meta_path) if use_cache else None
     if cached is not None and (drop_unknown or cached[1]["unknown"] == 0):
         ids, meta = cached
-        return Corpus(ids, vocab, source, meta["unknown"], crlf)
+        return Corpus(ids, vocab, source, meta["unknown"], crlf, newline)
 
     dtype = id_dtype(len(vocab))
     tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
@@ -188,7 +194,7 @@ def load_corpus(
     if not use_cache:
         out = np.empty(total, dtype=dtype)
     try:
-        n, unknown = _encode_to(out, source, vocab, encoding, errors, drop_unknown)
+        n, unknown = _encode_to(out, source, vocab, encoding, errors, drop_unknown, newline)
         if n == 0:
             raise DataError(f"{source.name} has no characters in the vocabulary")
     except BaseException:
@@ -197,7 +203,7 @@ def load_corpus(
             tmp.unlink(missing_ok=True)
         raise
     if not use_cache:
-        return Corpus(out[:n], vocab, source, unknown, crlf)
+        return Corpus(out[:n], vocab, source, unknown, crlf, newline)
     out.flush()
     del out
     os.truncate(tmp, n * dtype.itemsize)
@@ -205,7 +211,7 @@ def load_corpus(
     _write_cache_file(meta_path, {"dtype": dtype.name, "length": n, "unknown": unknown,
                                   "source": source.describe()})
     ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
-    return Corpus(ids, vocab, source, unknown, crlf)
+    return Corpus(ids, vocab, source, unknown, crlf, newline)
 
 
 def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

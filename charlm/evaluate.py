@@ -1,4 +1,13 @@
-"""Evaluation: mean cross-entropy over every character of a text, in nats and bits."""
+"""Evaluation: mean cross-entropy over every character of a text, in nats and bits.
+
+Evaluation is much cheaper per character than training: no backward pass and no optimizer,
+under ``torch.inference_mode``, with many streams at once (``train.eval_streams``), long
+windows (on the CPU those run oneDNN's fused RNN kernels) and the run's autocast precision
+(bf16 where training runs in bf16). ``benchmarks/eval_speed.py`` measures the ratio.
+
+Characters outside the model's vocabulary cannot be predicted at all: they are dropped and
+counted, or (``unknown="charge"``) each is counted at :data:`UNKNOWN_BITS`, the cost of
+naming one of Unicode's code points, so figures over texts with such characters compare."""
 
 from __future__ import annotations
 
@@ -19,8 +28,13 @@ from charlm.model import CharRNN
 from charlm.units import bits
 from charlm.vocab import Vocab
 
+# What an unknown character costs with unknown="charge": log2 of the number of Unicode code
+# points, the bits of naming any one of them with no model at all.
+UNKNOWN_BITS = math.log2(0x110000)
+UNKNOWN_CHOICES = ("drop", "charge")
 
-@torch.no_grad()
+
+@torch.inference_mode()
 def loss_sums(
     model: CharRNN,
     ids: torch.Tensor,
@@ -29,11 +43,13 @@ def loss_sums(
     amp=None,
     rank: int = 0,
     world: int = 1,
+    on_progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss (nats) and number of predictions over this process's share of ``ids``.
 
     Every prediction ``ids[i] -> ids[i + 1]`` is counted once across all ranks; the state is
-    carried within each stream. Returns two 0-d float64 tensors on the ids' device.
+    carried within each stream. ``on_progress`` receives the number of predictions of each
+    window as it is done. Returns two 0-d float64 tensors on the ids' device.
     """
     was_training = model.training
     model.eval()
@@ -49,6 +65,8 @@ def loss_sums(
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         total += loss.double()
         count += y.numel()
+        if on_progress is not None:
+            on_progress(y.numel())
     model.train(was_training)
     return total, count
 
@@ -62,9 +80,10 @@ def mean_loss(
     rank: int = 0,
     world: int = 1,
     all_reduce: Callable[[torch.Tensor], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> float:
     """Mean loss in nats/char over ``ids``; ``all_reduce`` sums the shares of all ranks."""
-    total, count = loss_sums(model, ids, streams, seq_len, amp, rank, world)
+    total, count = loss_sums(model, ids, streams, seq_len, amp, rank, world, on_progress)
     pair = torch.stack([total, count])
     if all_reduce is not None:
         all_reduce(pair)
@@ -73,9 +92,14 @@ def mean_loss(
 
 @dataclass
 class EvalResult:
-    loss: float  # nats/char
-    chars: int  # characters evaluated
-    unknown: int  # characters dropped because they are not in the vocabulary
+    loss: float  # nats/char (with unknown="charge", unknown characters included)
+    chars: int  # characters evaluated (the model's predictions; unknown ones not included)
+    unknown: int  # characters not in the vocabulary: dropped, or charged
+    unknown_mode: str = "drop"
+
+    @property
+    def unknown_share(self) -> float:
+        return self.unknown / max(self.chars + self.unknown, 1)
 
     @property
     def bpc(self) -> float:
@@ -88,7 +112,8 @@ class EvalResult:
     def to_dict(self) -> dict:
         """The fields of ``charlm eval --json``."""
         return {"loss": self.loss, "bits_per_char": self.bpc, "perplexity": self.perplexity,
-                "chars": self.chars, "unknown": self.unknown}
+                "chars": self.chars, "unknown": self.unknown, "unknown_mode": self.unknown_mode,
+                "unknown_bits": UNKNOWN_BITS if self.unknown_mode == "charge" else None}
 
 
 def evaluate_model(
@@ -98,23 +123,44 @@ def evaluate_model(
     precision: str = "fp32",
     encoding: str = "utf-8",
     errors: str = "strict",
+    unknown: str = "drop",
+    on_progress: Callable[[int, int], None] | None = None,
+    streams: int = 32,
+    seq_len: int = 256,
+    newline: str = "normalize",
 ) -> EvalResult:
     """Loss of ``model`` over a text file (a Path: read like a training file, ids cached) or
-    over a string; characters outside the vocabulary are dropped and counted."""
+    over a string; characters outside the vocabulary are dropped and counted, or (``unknown
+    = "charge"``) counted at UNKNOWN_BITS each. ``on_progress(done, total)`` follows the
+    predictions; ``streams`` windows of ``seq_len`` are evaluated at once."""
+    if unknown not in UNKNOWN_CHOICES:
+        raise DataError(f"unknown must be one of {', '.join(UNKNOWN_CHOICES)}; got {unknown!r}")
     if isinstance(text, Path):
         corpus = load_corpus(text, vocab=vocab, encoding=encoding, errors=errors,
-                             drop_unknown=True)
-        ids, unknown, what = corpus.ids, corpus.unknown, str(text)
+                             drop_unknown=True, newline=newline)
+        ids, dropped, what = corpus.ids, corpus.unknown, str(text)
     else:
+        if newline == "normalize":
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
         known = set(vocab.chars)
         kept = "".join(c for c in text if c in known)
-        ids, unknown, what = vocab.encode(kept), len(text) - len(kept), "the text"
+        ids, dropped, what = vocab.encode(kept), len(text) - len(kept), "the text"
     if len(ids) < 2:
         raise DataError(f"{what} has fewer than 2 characters in the model's vocabulary")
     device = model.head.weight.device
     amp = autocast(device, resolve_precision(precision, device))
-    loss = mean_loss(model, as_tensor(ids, device), amp=amp)
-    return EvalResult(loss, len(ids), unknown)
+    predictions, done = len(ids) - 1, [0]
+
+    def advance(count: int) -> None:
+        done[0] += count
+        on_progress(done[0], predictions)
+
+    loss = mean_loss(model, as_tensor(ids, device), streams, seq_len, amp=amp,
+                     on_progress=advance if on_progress is not None else None)
+    if unknown == "charge" and dropped:
+        nats = UNKNOWN_BITS * math.log(2)
+        loss = (loss * predictions + dropped * nats) / (predictions + dropped)
+    return EvalResult(loss, len(ids), dropped, unknown)
 
 
 def evaluate_file(

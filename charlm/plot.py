@@ -5,7 +5,7 @@ extra imported only here), and a small character grid the CLI draws at the end o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,10 @@ class PlotResult:
     curves: int  # lines drawn, over both panels
     width: int  # pixels
     height: int
+    skipped: list[str] = field(default_factory=list)  # why each skipped run was skipped
+
+
+FORMATS = ("png", "svg", "pdf")
 
 
 def _time_unit(seconds: float) -> tuple[str, float]:
@@ -112,16 +116,27 @@ def plot_runs(
     dpi: int = 100,
 ) -> PlotResult:
     """Draw train and validation bits/char against characters seen (left panel) and wall
-    time (right panel), one colour per run, and write a ``width`` x ``height`` PNG to
-    ``output`` (default: ``loss.png`` in the run directory, or here for several runs)."""
+    time (right panel), one colour per run, and write a ``width`` x ``height`` picture to
+    ``output``, a PNG, SVG or PDF by its suffix (default: ``loss.png`` in the run directory,
+    or here for several runs). A run without metrics yet is skipped and named in
+    ``skipped`` (with why), unless no run has any."""
     if not run_dirs:
         raise CharlmError("give at least one run directory to plot")
     for name, value in (("width", width), ("height", height)):
         if not 100 <= value <= 10_000:
             raise CharlmError(f"--{name} must be in [100, 10000] pixels; got {value}")
-    if output is not None and Path(output).suffix.lower() != ".png":
-        raise CharlmError(f"--output must be a .png file; got {output}")
-    curves = [load_curves(d) for d in run_dirs]
+    kind = Path(output).suffix.lower().lstrip(".") if output is not None else "png"
+    if kind not in FORMATS:
+        raise CharlmError(f"--output must be a .png, .svg or .pdf file; got {output}")
+    curves, skipped = [], []
+    for d in run_dirs:
+        try:
+            curves.append(load_curves(d))
+        except CharlmError as exc:
+            skipped.append(str(exc))
+    if not curves:
+        raise CharlmError(skipped[0] if len(skipped) == 1
+                          else f"none of the {len(skipped)} runs has metrics to plot")
     # One run: its picture goes in its directory; several: in the current directory.
     output = Path(output) if output else (curves[0].path if len(curves) == 1 else Path()) / "loss.png"
     if not output.parent.is_dir():
@@ -159,8 +174,8 @@ def plot_runs(
     fig.suptitle("charlm loss: train (thin) and validation (dots)", fontsize="medium")
     lines = sum(len(ax.get_lines()) for ax in fig.axes)
 
-    atomic_write(output, lambda f: fig.savefig(f, format="png", dpi=dpi))
-    return PlotResult(output, len(curves), lines, width, height)
+    atomic_write(output, lambda f: fig.savefig(f, format=kind, dpi=dpi))
+    return PlotResult(output, len(curves), lines, width, height, skipped)
 
 
 # ------------------------------------------------------------------------- terminal grid

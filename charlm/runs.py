@@ -154,6 +154,18 @@ def latest_checkpoint(root: Path = RUNS_DIR) -> Path:
     return best if best.exists() else newest_dir / "last.pt"
 
 
+def checkpoint_in(path: Path) -> Path:
+    """The checkpoint that ``path`` names: itself, or for a run directory its ``best.pt``
+    (``last.pt`` when it has none yet)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in ("best.pt", "last.pt"):
+        if (path / name).is_file():
+            return path / name
+    raise CharlmError(f"{path} is a directory with no checkpoint (best.pt or last.pt)")
+
+
 # ------------------------------------------------------------------------------ run listing
 RUN_FILES = ("metrics.jsonl", "config.toml", *CHECKPOINT_NAMES)
 
@@ -173,6 +185,8 @@ class RunInfo:
     elapsed: float  # seconds of training, over all resumes
     best_val_loss: float | None  # nats per character
     modified: float  # POSIX time the run last wrote a file
+    text: str | None = None  # the name of the text it trains on (runs on different texts
+    # do not compare: their bits/char measure different things)
 
     @property
     def best_val_bpc(self) -> float | None:
@@ -244,10 +258,10 @@ def run_info(run_dir: Path) -> RunInfo:
     vals = [v for v in vals if v is not None]
     best = min(vals, default=None)
 
-    ckpt = None
-    if not records or not (run_dir / "config.toml").is_file():
-        ckpt = _quiet_checkpoint(run_dir)
+    ckpt = _quiet_checkpoint(run_dir)  # memory-mapped: only its small values are read
     ts = ckpt.get("train_state", {}) if ckpt else {}
+    source = ckpt.get("train_file") if ckpt else None
+    text = source.get("name") if isinstance(source, dict) else None
     if not records and isinstance(ts, dict):
         steps = _number(ts.get("step"), int) or 0
         chars = _number(ts.get("chars_seen"), int) or 0
@@ -265,23 +279,29 @@ def run_info(run_dir: Path) -> RunInfo:
         embed_size=model_value("embed_size", int), hidden_size=model_value("hidden_size", int),
         num_layers=model_value("num_layers", int), steps=steps, chars_seen=chars, elapsed=elapsed,
         best_val_loss=best, modified=max(mtimes, default=run_dir.stat().st_mtime),
+        text=text if isinstance(text, str) else None,
     )
 
 
-def list_runs(root: str | Path = RUNS_DIR) -> list[RunInfo]:
+def list_runs(root: str | Path = RUNS_DIR, text: str | None = None) -> list[RunInfo]:
     """Every run directory directly under ``root`` (or ``root`` itself when it is one),
-    best validation loss first; runs never evaluated come last, newest first."""
+    grouped by training text (``text``: only the runs on the text of that name), best
+    validation loss first in each group; runs never evaluated come last, newest first."""
     root = Path(root)
     if not root.exists():
         raise CharlmError(f"runs directory not found: {root}")
     if not root.is_dir():
         raise CharlmError(f"{root} is not a directory")
     if is_run_dir(root):
-        return [run_info(root)]
-    try:
-        candidates = sorted(root.iterdir())
-    except OSError as exc:
-        raise CharlmError(f"cannot read {root}: {exc.strerror}") from None
+        candidates = [root]
+    else:
+        try:
+            candidates = sorted(root.iterdir())
+        except OSError as exc:
+            raise CharlmError(f"cannot read {root}: {exc.strerror}") from None
     runs = [run_info(path) for path in candidates if is_run_dir(path)]
-    runs.sort(key=lambda r: (r.best_val_loss is None, r.best_val_loss or 0.0, -r.modified))
+    if text is not None:
+        runs = [r for r in runs if r.text == text]
+    runs.sort(key=lambda r: (r.text is None, r.text or "", r.best_val_loss is None,
+                             r.best_val_loss or 0.0, -r.modified))
     return runs

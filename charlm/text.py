@@ -120,6 +120,33 @@ def iter_text(
                     break
 
 
+NEWLINES = ("normalize", "keep")
+
+
+def read_text(source: Source, encoding: str = "utf-8", errors: str = "strict",
+              newline: str = "normalize", seen_cr: list[bool] | None = None,
+              chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """:func:`iter_text` with line endings as Python's text mode reads them: with ``newline
+    = "normalize"``, CRLF and a lone CR become ``\n`` ("keep" leaves them). ``seen_cr``, a
+    one-item list, is set to True when the text has a CR at all."""
+    pending_cr = False
+    for chunk in iter_text(source, encoding, errors, chunk_bytes):
+        if seen_cr is not None and not seen_cr[0] and "\r" in chunk:
+            seen_cr[0] = True
+        if newline == "keep":
+            yield chunk
+            continue
+        if pending_cr:  # a CRLF split between two chunks
+            chunk = "\r" + chunk
+        pending_cr = chunk.endswith("\r")
+        chunk = chunk[:-1] if pending_cr else chunk
+        chunk = chunk.replace("\r\n", "\n").replace("\r", "\n")
+        if chunk:
+            yield chunk
+    if pending_cr:
+        yield "\n"
+
+
 def _replaced_share(path: Path, encoding: str, chunk_bytes: int) -> float:
     """The share of the characters of ``path`` that cannot be decoded."""
     decoder = codecs.getincrementaldecoder(encoding)("replace")

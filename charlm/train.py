@@ -155,6 +155,7 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
     corpus = load_corpus(
         text_path, vocab=checkpoint.vocab_of(base) if base is not None else None,
         encoding=cfg.data.encoding, errors=cfg.data.errors, drop_unknown=drop_unknown,
+        newline=cfg.data.newline,
     )
     if resume is not None:
         trained_on = resume.get("train_file", {})
@@ -167,8 +168,12 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
     notes = []
     if corpus.unknown:
         notes.append(f"dropped {corpus.unknown:,} characters outside the vocabulary")
-    if corpus.crlf:
-        notes.append("the text has Windows (CRLF) line endings; they are kept as characters")
+    if corpus.crlf and cfg.data.newline == "keep":
+        notes.append("the text has Windows (CRLF) or CR line endings; kept as characters "
+                     "(data.newline=keep)")
+    elif corpus.crlf:
+        notes.append("the text's Windows (CRLF) or CR line endings were read as \\n "
+                     "(--set data.newline=keep keeps them)")
     vocab = corpus.vocab
     train_np, val_np = split(corpus.ids, cfg.data.val_fraction)
     check_split(train_np, val_np, corpus.source.name, cfg, dist.world)
@@ -263,7 +268,8 @@ def dry_run(text_path: str | Path, cfg: Config, base: dict[str, Any] | None = No
     if base is not None:
         vocab_size = len(checkpoint.vocab_of(base))
     else:
-        vocab_size = len(scan_code_points(text_path, cfg.data.encoding, cfg.data.errors))
+        vocab_size = len(scan_code_points(text_path, cfg.data.encoding, cfg.data.errors,
+                                          newline=cfg.data.newline))
     with torch.device("meta"):  # shapes only: no memory for the weights of a large model
         model = build_model(vocab_size, cfg.model)
     return DryRun(to_toml(cfg), vocab_size, model.num_parameters())
