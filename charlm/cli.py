@@ -297,13 +297,15 @@ def train(
         return
     _print_summary(result)
     _print_loss_curve(result.run_dir)
-    if result.stopped == "interrupted":
+    if result.stopped in ("interrupted", "stop_at_step"):
         launcher = "charlm" if dist.world == 1 else "torchrun --nproc_per_node=N -m charlm"
+        what = "interrupted" if result.stopped == "interrupted" else "paused (--stop-at-step)"
         err.print(
-            f"interrupted at step {result.step}; saved {result.run_dir / 'last.pt'}. "
+            f"{what} at step {result.step}; saved {result.run_dir / 'last.pt'}. "
             f"Resume with: {launcher} train --resume {result.run_dir}",
             soft_wrap=True,  # one line, so the command can be copied whole
         )
+    if result.stopped == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)
 
 

@@ -105,7 +105,8 @@ def test_eval_reports_loss_and_unknown(tiny_run, tmp_path):
     assert re.search(rf"loss\s*│\s*{expected.loss:.4f} nats/char", out), out
     assert re.search(rf"bits per char\s*│\s*{expected.loss / math.log(2):.4f}", out), out
     assert re.search(rf"perplexity\s*│\s*{math.exp(expected.loss):.3f}", out), out
-    assert re.search(r"outside vocabulary\s*│\s*100 \(dropped\)", out), out
+    assert re.search(r"outside vocabulary\s*│\s*100 \(15\.6%, dropped\)", out), out
+    assert "warning: 100 characters (15.6%) of the text are outside" in proc.stderr
     assert re.search(rf"characters\s*│\s*{expected.chars:,}", out), out
 
 

@@ -192,7 +192,7 @@ BAD_TRAIN_OPTIONS = [
     (("--max-steps", "-1"), ("train.max_steps", "[0, inf]")),
     (("--max-time", "-1"), ("train.max_time", "[0, inf]")),
     (("--max-epochs", "-2"), ("train.max_epochs", "[0, inf]")),
-    (("--eval-every", "0"), ("train.eval_every", "[1, inf]")),
+    (("--eval-every", "-1"), ("train.eval_every", "[0, inf]")),
     (("--seed", "-1"), ("train.seed", "[0, 9223372036854775807]")),
     (("--patience", "-1"), ("train.patience",)),
     (("--keep-last", "-1"), ("train.keep_last",)),
