@@ -142,14 +142,14 @@ def test_directory_trains_on_its_txt_files_in_sorted_order(tmp_path):
     clean_error(run_cli("train", empty, *TINY, "--out", tmp_path / "r2"), "no *.txt files")
 
 
-def test_bom_is_stripped_and_crlf_is_kept_and_reported(tmp_path):
+def test_bom_is_stripped_and_crlf_is_normalized_and_reported(tmp_path):
     path = tmp_path / "windows.txt"
     path.write_bytes(b"\xef\xbb\xbf" + SAMPLE_TEXT.replace("\n", "\r\n").encode())
     proc = run_charlm("train", path, *TINY, "--out", tmp_path / "run", "--max-steps", "2")
     assert proc.returncode == 0, proc.stderr
-    assert "CRLF" in proc.stderr and "kept" in proc.stderr  # the summary says so
+    assert "CRLF" in proc.stderr and "read as" in proc.stderr  # the summary says so
     vocab = checkpoint.load(tmp_path / "run" / "last.pt")["vocab"]
-    assert "\r" in vocab and "\ufeff" not in vocab
+    assert "\r" not in vocab and "\ufeff" not in vocab
 
 
 def test_cjk_vocabulary_of_20000_characters_trains_and_samples(tmp_path):
