@@ -140,6 +140,11 @@ def sample_block(step: int, val_loss: float, text: str) -> str:
     return f"--- sample at step {step} (val {val_loss:.3f}) ---\n{text}\n---"
 
 
+def _shown(loss: float) -> str:
+    """A loss for the bar: "-" before there is one (not "nan")."""
+    return "-" if math.isnan(loss) else f"{loss:.3f}"
+
+
 class ProgressBar(Monitor):
     """A tqdm bar on stderr with the last losses and speed; samples go to stdout above it."""
 
@@ -158,12 +163,12 @@ class ProgressBar(Monitor):
 
     def on_train_log(self, r):
         self.last_train = r["loss"]
-        self.bar.set_postfix(loss=f"{self.last_train:.3f}", val=f"{self.last_val:.3f}",
+        self.bar.set_postfix(loss=f"{self.last_train:.3f}", val=_shown(self.last_val),
                              cps=f"{r['chars_per_sec']:,.0f}")
 
     def on_eval(self, r):
         self.last_val = r["val_loss"]
-        self.bar.set_postfix(loss=f"{self.last_train:.3f}", val=f"{self.last_val:.3f}")
+        self.bar.set_postfix(loss=_shown(self.last_train), val=f"{self.last_val:.3f}")
 
     def on_sample(self, step, val_loss, text):
         tqdm.write(sample_block(step, val_loss, text))

@@ -111,6 +111,8 @@ def test_progress_bar_draws_on_stderr_and_prints_samples_above_it(tmp_path, caps
     assert "\r" in captured.err and "20/40" in captured.err
     assert "skipped a non-finite loss at step 21" in captured.err
     assert "--- sample at step 20 (val 1.500) ---\nFirst Citizen:\nhello\n---" in captured.out
+    # Before the first evaluation the bar shows no validation loss, not "nan".
+    assert "val=-" in captured.err and "nan" not in captured.err
 
 
 def test_console_picks_the_bar_on_a_terminal_and_lines_elsewhere(monkeypatch):
