@@ -171,7 +171,7 @@ def train(
     hidden_size: Annotated[int | None, typer.Option(help="Units in each recurrent layer.", show_default=_default("model.hidden_size"))] = None,
     num_layers: Annotated[int | None, typer.Option(help="Stacked recurrent layers.", show_default=_default("model.num_layers"))] = None,
     embed_size: Annotated[int | None, typer.Option(help="Size of each character's embedding vector.", show_default=_default("model.embed_size"))] = None,
-    dropout: Annotated[float | None, typer.Option(help="Dropout between layers and before the output layer, in [0, 1).", show_default=_default("model.dropout"))] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout probability on the embeddings, between layers and before the output layer, in [0, 1).", show_default=_default("model.dropout"))] = None,
     batch_size: Annotated[int | None, typer.Option(help="Streams per process.", show_default=_default("train.batch_size"))] = None,
     seq_len: Annotated[int | None, typer.Option(help="Window length (BPTT steps).", show_default=_default("train.seq_len"))] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.", show_default=_default("train.lr"))] = None,

@@ -108,7 +108,7 @@ def test_bad_inputs_are_clean_errors(two_runs, tmp_path):
     (tmp_path / "file.txt").write_text("x")
     assert_clean_error(run_cli("plot", tmp_path / "file.txt"), "is not a run directory")
     run = two_runs[0]
-    assert_clean_error(run_cli("plot", run, "-o", tmp_path / "x.svg"), "must be a .png")
+    assert_clean_error(run_cli("plot", run, "-o", tmp_path / "x.gif"), "must be a .png, .svg or .pdf")
     assert_clean_error(run_cli("plot", run, "-o", tmp_path / "no" / "x.png"), "does not exist")
     assert_clean_error(run_cli("plot", run, "--width", 5), "--width must be in")
     assert not list(tmp_path.glob("**/*.png"))

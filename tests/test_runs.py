@@ -67,11 +67,14 @@ def test_list_runs_sorted_by_best_validation_loss(runs_root):
 def test_runs_command_prints_the_table_in_order(runs_root):
     proc = run_charlm("runs", runs_root)
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split() for line in proc.stdout.splitlines()
-            if line.split() and line.split()[0] in RUNS]
+    # The text column names the training text on the first row of its group only.
+    lines = [line.split() for line in proc.stdout.splitlines() if line.split()]
+    assert [line[0] for line in lines if len(line) > 1 and line[1] in RUNS] == ["input.txt"]
+    rows = [line[1:] if line[0] == "input.txt" else line for line in lines]
+    rows = [row for row in rows if row[0] in RUNS]
     assert [row[0] for row in rows] == expected_order(runs_root)
-    header = next(line for line in proc.stdout.splitlines() if line.lstrip().startswith("run "))
-    for name in ("cell", "size", "steps", "val loss", "bits/char", "chars/s", "time", "date"):
+    header = next(line for line in proc.stdout.splitlines() if line.lstrip().startswith("text "))
+    for name in ("run", "cell", "size", "steps", "val loss", "bits/char", "chars/s", "time", "date"):
         assert name in header
     for row in rows:
         cell, hidden, layers, steps = RUNS[row[0]]

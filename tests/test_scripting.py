@@ -94,7 +94,7 @@ def test_eval_json(tiny_run, text_file):
     r = evaluate_file(tiny_run / "best.pt", text_file, device="cpu")
     assert doc == {"checkpoint": str(tiny_run / "best.pt"), "file": str(text_file),
                    "loss": r.loss, "bits_per_char": r.bpc, "perplexity": r.perplexity,
-                   "chars": r.chars, "unknown": 0}
+                   "chars": r.chars, "unknown": 0, "unknown_mode": "drop", "unknown_bits": None}
 
 
 def test_bench_json():
