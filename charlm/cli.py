@@ -678,6 +678,10 @@ def main(argv: list[str] | None = None) -> None:
         _error("out of memory; use a smaller model or batch")
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, for CUDA (torch not imported here)
+            _error("out of GPU memory; lower --num-samples (sample), or use a smaller model, "
+                   "--batch-size or --seq-len")
+            sys.exit(1)
         if os.environ.get("CHARLM_DEBUG"):
             raise
         _error(f"{internal_error(exc)} (set CHARLM_DEBUG=1 for the traceback)")

@@ -78,7 +78,24 @@ def train(
     metrics.jsonl is always written, and TensorBoard logs with ``train.tensorboard``.
     """
     validate(cfg)
-    dist = dist or Dist()
+    try:
+        return _train(text_path, cfg, out_dir, resume, init_from, allow_other_data,
+                      drop_unknown, stop_at_step, progress, dist or Dist(), monitors)
+    except OUT_OF_MEMORY as exc:  # the GPU's memory; the CPU's is a MemoryError
+        m, tc = cfg.model, cfg.train
+        raise CharlmError(
+            f"out of GPU memory ({first_line(exc).split('. ')[0]}); lower --batch-size (now "
+            f"{tc.batch_size}), --seq-len (now {tc.seq_len}) or --hidden-size (now "
+            f"{m.hidden_size}); checkpoints already written are unchanged"
+        ) from None
+
+
+# torch.OutOfMemoryError since torch 2.5; torch.cuda.OutOfMemoryError before.
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _train(text_path, cfg, out_dir, resume, init_from, allow_other_data, drop_unknown,
+           stop_at_step, progress, dist, monitors) -> TrainResult:
     main = dist.rank == 0
     report = Monitors(_monitors(cfg, progress, monitors) if main else [])
     run = setup(text_path, cfg, resume, init_from, allow_other_data, drop_unknown, dist)
