@@ -273,6 +273,7 @@ def _print_summary(r) -> None:
         ("characters seen", f"{r.chars_seen:,}"),
         ("time", f"{r.elapsed:,.1f} s"),
         ("speed", f"{r.chars_per_sec:,.0f} chars/s"),
+        ("checkpoint saving", f"{r.save_seconds:,.2f} s ({r.save_seconds / max(r.elapsed, 1e-9):.1%})"),
         ("train loss", nats_and_bits(r.train_loss)),
         ("val loss (last)", nats_and_bits(r.val_loss)),
         ("val loss (best)", nats_and_bits(r.best_val_loss)),

@@ -208,6 +208,7 @@ class Loop:
                 "chars": s.chars_seen, "lr": self.lr, "loss": self.last_train,
                 "bpc": bits(self.last_train), "grad_norm": float(self.grad_norm),
                 "elapsed": round(self.elapsed(), 3), "chars_per_sec": round(rate, 1),
+                "save_seconds": round(self.save_seconds, 3),  # so far, on the training thread
             })
 
     def evaluate_and_save(self) -> bool:
