@@ -264,7 +264,7 @@ class Loop:
             run.model, run.cfg, run.vocab,
             **({"optimizer": run.optimizer.state_dict()} if full else {}),
             train_file=run.source_info, vocab_growth=run.vocab_growth, train_state=train_state,
-        ))
+        ), clone_cpu=run.device.type == "cpu")
         files = {}
         if improved:
             files[self.run_dir / "best.pt"] = {k: v for k, v in ckpt.items() if k != "optimizer"}

@@ -22,15 +22,19 @@ import torch
 from charlm import checkpoint
 
 
-def detached_copy(obj: Any) -> Any:
-    """``obj`` with every tensor copied to the CPU, sharing no memory with the originals."""
+def detached_copy(obj: Any, clone_cpu: bool = True) -> Any:
+    """``obj`` with every tensor copied to the CPU, sharing no memory with the originals.
+    ``clone_cpu=False`` leaves CPU tensors as they are: right when the model trains on a GPU,
+    where every CPU tensor of a checkpoint is already a fresh copy (``.cpu()``, RNG states)."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        return t.clone() if t.device.type == "cpu" else t.to("cpu")
+        if t.device.type != "cpu":
+            return t.to("cpu")
+        return t.clone() if clone_cpu else t
     if isinstance(obj, dict):
-        return {k: detached_copy(v) for k, v in obj.items()}
+        return {k: detached_copy(v, clone_cpu) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(detached_copy(v) for v in obj)
+        return type(obj)(detached_copy(v, clone_cpu) for v in obj)
     return obj
 
 

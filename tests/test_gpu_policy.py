@@ -146,3 +146,34 @@ def test_best_pt_has_no_optimizer_state_and_resuming_it_says_what_to_do(tiny_run
     assert "optimizer" in checkpoint.load(tiny_run / "last.pt")
     proc = run_cli("train", "--resume", tiny_run / "best.pt", "--max-steps", "50")
     assert_clean_error(proc, "without the optimizer state", "last.pt", "--init-from")
+
+
+def test_a_checkpoint_copy_shares_no_memory_with_the_live_tensors():
+    from charlm.saver import detached_copy
+
+    live = {"w": torch.ones(3), "nested": [torch.zeros(2), {"x": torch.arange(3)}], "n": 5}
+    copy = detached_copy(live)
+    live["w"].add_(1)
+    live["nested"][0].add_(1)
+    live["nested"][1]["x"].add_(1)
+    assert copy["w"].tolist() == [1, 1, 1] and copy["nested"][0].tolist() == [0, 0]
+    assert copy["nested"][1]["x"].tolist() == [0, 1, 2] and copy["n"] == 5
+    assert detached_copy(live, clone_cpu=False)["w"].data_ptr() == live["w"].data_ptr()
+
+
+def test_the_writer_writes_in_order_keeps_the_newest_and_reports_errors(tmp_path):
+    from charlm.saver import CheckpointWriter
+
+    def load(path):
+        return torch.load(path, weights_only=True)
+
+    writer = CheckpointWriter()
+    for step in range(5):
+        writer.submit({tmp_path / "best.pt": {"step": step}, tmp_path / "last.pt": {"step": step}})
+    writer.close()
+    assert load(tmp_path / "last.pt")["step"] == 4
+    assert load(tmp_path / "best.pt")["step"] == 4
+    broken = CheckpointWriter()
+    broken.submit({tmp_path / "missing" / "last.pt": {"step": 1}})
+    with pytest.raises(Exception, match="could not write|No such file"):
+        broken.close()
