@@ -23,6 +23,8 @@ import argparse
 import copy
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,16 +140,20 @@ def part_quality(device: torch.device, report: dict, seconds: float) -> None:
         rows = read_metrics(out / "metrics.jsonl")
         evals = [r for r in rows if r["kind"] == "eval"]
         trains = [r for r in rows if r["kind"] == "train"]
-        saving = sum(r.get("save_seconds", 0.0) for r in evals)
-        last_elapsed = max(r["elapsed"] for r in rows)
+        # The summary's "checkpoint saving" row: seconds the training thread spent saving.
+        found = re.search(r"checkpoint saving\s*\S\s*([\d,.]+) s", proc.stderr)
+        saving = float(found[1].replace(",", "")) if found else trains[-1]["save_seconds"]
+        elapsed = max(r["elapsed"] for r in rows)
         report["quality"] = {
             "command": " ".join(cmd[2:]), "wall_s": round(wall, 1),
             "best_val_loss": round(min(r["val_loss"] for r in evals), 4),
             "last_val_loss": round(evals[-1]["val_loss"], 4),
-            "evaluations": len(evals), "chars_seen": trains[-1]["chars"] if trains else 0,
-            "train_chars_per_sec": round(trains[-1]["chars"] / last_elapsed) if trains else 0,
+            "evaluations": len(evals), "chars_seen": trains[-1]["chars"],
+            "epochs": round(trains[-1]["epoch"], 1),
+            "train_chars_per_sec_median": round(statistics.median(
+                r["chars_per_sec"] for r in trains[1:] or trains)),
             "save_seconds": round(saving, 2),
-            "save_share_of_wall": round(saving / max(last_elapsed, 1e-9), 4),
+            "save_share_of_wall": round(saving / max(elapsed, 1e-9), 4),
         }
         print(json.dumps(report["quality"], indent=1), flush=True)
         ckpt = checkpoint.load(out / "best.pt")

@@ -328,6 +328,7 @@ def _print_summary(r) -> None:
         ("training speed", f"{r.chars_per_sec:,.0f} chars/s"),
         ("evaluating", f"{r.eval_seconds:,.1f} s, {r.evaluations:,} evaluation"
                        + "s" * (r.evaluations != 1)),
+        ("checkpoint saving", f"{r.save_seconds:,.2f} s ({r.save_seconds / max(r.elapsed, 1e-9):.1%})"),
         (f"train loss ({r.train_steps or 'recent'})", nats_and_bits(r.train_loss)),
         ("val loss (last)", nats_and_bits(r.val_loss, "val")),
         ("val loss (best)", nats_and_bits(r.best_val_loss, "val")),
@@ -805,6 +806,10 @@ def main(argv: list[str] | None = None) -> None:
         _error("out of memory; use a smaller model or batch")
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, for CUDA (torch not imported here)
+            _error("out of GPU memory; lower --num-samples (sample), or use a smaller model, "
+                   "--batch-size or --seq-len")
+            sys.exit(1)
         if os.environ.get("CHARLM_DEBUG"):
             raise
         _error(f"{internal_error(exc)} (set CHARLM_DEBUG=1 for the traceback)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,20 @@ def cache_dir() -> Path:
     ``%LOCALAPPDATA%\\charlm\\Cache`` on Windows."""
     if os.environ.get("CHARLM_CACHE_DIR"):
         return Path(os.environ["CHARLM_CACHE_DIR"])
-    import platformdirs  # only where a cache is used
-
+    try:
+        import platformdirs  # only where a cache is used
+    except ImportError:  # an offline machine with charlm installed --no-deps: the same folders
+        return _platform_cache_dir()
     return Path(platformdirs.user_cache_dir("charlm", appauthor=False))
+
+
+def _platform_cache_dir() -> Path:
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
+        return Path(base) / "charlm" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "charlm"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charlm"
 
 
 @dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,14 @@ import torch.nn.functional as F
 from charlm import checkpoint
 from charlm.config import Config
 from charlm.data import Batcher
+from charlm.device import AmpPlan
 from charlm.distributed import Dist
 from charlm.evaluate import mean_loss
 from charlm.model import CharRNN, detach_state
 from charlm.monitors import Monitor
 from charlm.pacing import Pacer
 from charlm.sample import generate
+from charlm.saver import CheckpointWriter, detached_copy
 from charlm.schedule import lr_at, planned_progress
 from charlm.signals import StopSignals
 from charlm.state import TrainState, snapshot
@@ -37,6 +41,7 @@ from charlm.vocab import Vocab
 # With train.on_nan = "skip", this many non-finite steps in a row end training anyway: the
 # run has diverged and skipping only burns time.
 MAX_SKIPS_IN_ROW = 20
+CHEAP_SAVE = 0.02  # seconds: a checkpoint that copies faster is written at every evaluation
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     amp: Any  # the autocast context of the precision
+    plan: AmpPlan  # what the precision means here (autocast dtype, recurrent dtype, scaling)
     sample_seed: str  # samples continue the start of the training text
     notes: list[str]
     vocab_growth: list[dict[str, Any]]  # --grow-vocab records, kept through fine-tuning
@@ -75,7 +81,14 @@ class Loop:
         self.last_train = self.last_val = math.nan
         self.lr, self.grad_norm, self.now = 0.0, None, 0.0
         self.skipped = self.skips_in_row = self.nan_step = 0
-        self.saved_step = state.step if resumed else -1
+        self.saved_step = state.step if resumed else -1  # the step last.pt holds
+        # last.pt (with the optimizer state) is written at an evaluation when copying it last
+        # cost under CHEAP_SAVE or under 1% of the time since then: at every evaluation for the
+        # models a CPU trains, every few for a GPU's (copying configs/gpu.toml's optimizer
+        # state takes tens of milliseconds).
+        self.full_at, self.full_cost, self.finishing = -math.inf, 0.0, False
+        self.evaluated_step = -1
+        self.writer = CheckpointWriter() if self.main else None
         # With sample_every not a multiple of eval_every, sample at the first evaluation past
         # each multiple of it (a plain step % sample_every test would wait for their LCM).
         self.sampled_at = state.step
@@ -84,8 +97,8 @@ class Loop:
         tc = self.tc
         self.pacer = Pacer(tc.eval_every, tc.log_every, tc.max_steps, tc.max_time, tc.max_epochs,
                            run.batcher.steps_per_epoch, state.step, state.elapsed)
-        # This process's share of the time: evaluating (with its checkpoints and sample) and
-        # training, on the clock the processes agree on.
+        # This process's time evaluating (with checkpoints) and sampling, on the clock the
+        # processes agree on; the rest is training.
         self.eval_seconds = self.sample_seconds = 0.0
         self.evaluations = self.samples = 0
         self.first_step, self.first_chars = state.step, state.chars_seen
@@ -101,7 +114,7 @@ class Loop:
         "patience" or "nan")."""
         s, tc = self.state, self.tc
         self.run.model.train()
-        with StopSignals(announce=self.main) as signals:
+        with self.checkpoint_writer(), StopSignals(announce=self.main) as signals:
             while not (stopped := self.stop_reason(signals)):
                 due = self.pacer.due(s.step + 1, self.now)
                 outcome = self.train_step(check=due.log)
@@ -120,15 +133,15 @@ class Loop:
                     if tc.patience and s.evals_since_best >= tc.patience:
                         stopped = "patience"
                         break
-        # A run that ends (not a pause or an interrupt, which resume mid-interval) ends with
-        # a train record of its last steps, its final evaluation and a sample.
-        ends = stopped not in ("nan", "interrupted", "stop_at_step")
-        if ends and s.loss_count:
-            self.log()
-        stopped = self.finish(stopped)
-        if ends and stopped != "nan" and self.sampled_at != s.step:
-            self.sample(final=True)
-        return stopped
+            # A run that ends (not a pause or an interrupt, which resume mid-interval) ends
+            # with a train record of its last steps, its final evaluation and a sample.
+            ends = stopped not in ("nan", "interrupted", "stop_at_step")
+            if ends and s.loss_count:
+                self.log()
+            stopped = self.finish(stopped)
+            if ends and stopped != "nan" and self.sampled_at != s.step:
+                self.sample(final=True)
+            return stopped
 
     def training_seconds(self) -> float:
         """Seconds this process spent training (not evaluating, saving or sampling)."""
@@ -241,6 +254,7 @@ class Loop:
                 "chars": s.chars_seen, "lr": self.lr, "loss": self.last_train,
                 "bpc": bits(self.last_train), "grad_norm": float(self.grad_norm),
                 "elapsed": round(self.elapsed(), 3), "chars_per_sec": round(rate, 1),
+                "save_seconds": round(self.save_seconds, 3),  # so far, on the training thread
             })
 
     def evaluate_and_save(self) -> bool:
@@ -280,26 +294,65 @@ class Loop:
         return self.dist.agree(seconds) if self.tc.max_time else seconds
 
     def save_checkpoints(self, evaluated: bool, improved: bool = False) -> None:
-        """The checkpoint policy. After an evaluation: best.pt when the validation loss
-        improved, then last.pt, then step-NNNNNNNN.pt keeping the newest train.keep_last.
-        At a pause or an interrupt between evaluations: last.pt only. Every process takes
-        part in the snapshot; rank 0 writes, each file atomically."""
-        run, step, keep = self.run, self.state.step, self.tc.keep_last if evaluated else 0
-        ckpt = checkpoint.make_checkpoint(
-            run.model, run.cfg, run.vocab, optimizer=run.optimizer.state_dict(),
-            train_file=run.source_info, vocab_growth=run.vocab_growth,
-            train_state=snapshot(self.state, run.batcher, run.model, self.dist, self.elapsed()),
-        )
-        self.saved_step = step
+        """The checkpoint policy. After an evaluation: best.pt (the weights and training
+        state, without the optimizer state) when the validation loss improved; last.pt (all
+        of it, for resuming) when due (see ``full_at``), and always at the end of training;
+        step-NNNNNNNN.pt with last.pt, keeping the newest train.keep_last. At a pause or an
+        interrupt between evaluations: last.pt. Every process takes part in the snapshot;
+        rank 0 copies it and hands it to the writer thread, which writes each file
+        atomically, so the training thread pays only for the copy."""
+        run, step, dist = self.run, self.state.step, self.dist
+        started, now = time.perf_counter(), self.elapsed()
+        keep = self.tc.keep_last if evaluated else 0
+        due = (self.finishing or not evaluated
+               or self.full_cost <= max(0.01 * (now - self.full_at), CHEAP_SAVE))
+        full = bool(dist.agree(float(due)))  # rank 0 measured: every process decides alike
+        if evaluated:
+            self.evaluated_step = step
+        if not (full or improved):
+            return
+        train_state = snapshot(self.state, run.batcher, run.model, dist, self.elapsed())
+        if run.scaler.is_enabled():  # fp16: resume at the same loss scale
+            train_state["scaler"] = run.scaler.state_dict()
+        if full:
+            self.saved_step = step
         if not self.main:
             return
-        names = ["best.pt"] * improved + ["last.pt"] + [f"step-{step:08d}.pt"] * bool(keep)
-        for name in names:
-            checkpoint.save(self.run_dir / name, ckpt)
-        if keep:
-            for old in sorted(self.run_dir.glob("step-*.pt"))[:-keep]:
-                old.unlink(missing_ok=True)
-        self.monitors.on_saved(step, names)
+        ckpt = detached_copy(checkpoint.make_checkpoint(
+            run.model, run.cfg, run.vocab,
+            **({"optimizer": run.optimizer.state_dict()} if full else {}),
+            train_file=run.source_info, vocab_growth=run.vocab_growth, train_state=train_state,
+        ), clone_cpu=run.device.type == "cpu")
+        files = {}
+        if improved:
+            files[self.run_dir / "best.pt"] = {k: v for k, v in ckpt.items() if k != "optimizer"}
+        if full:
+            files[self.run_dir / "last.pt"] = ckpt
+            if keep:
+                files[self.run_dir / f"step-{step:08d}.pt"] = ckpt
+        self.writer.submit(files, prune=(self.run_dir, keep) if keep else None, started=started)
+        if full:
+            self.full_at, self.full_cost = now, time.perf_counter() - started
+        self.monitors.on_saved(step, [path.name for path in files])
+
+    @contextmanager
+    def checkpoint_writer(self) -> Iterator[None]:
+        """Wait for the writer thread to finish the files it holds, also when training fails
+        (they are good checkpoints); a writer error is raised unless another is on its way."""
+        try:
+            yield
+        except BaseException:
+            if self.writer is not None:
+                with suppress(BaseException):
+                    self.writer.close()
+            raise
+        if self.writer is not None:
+            self.writer.close()
+
+    @property
+    def save_seconds(self) -> float:
+        """Seconds the training thread spent on checkpoints (copies and waits)."""
+        return self.writer.blocked if self.writer is not None else 0.0
 
     def sample(self, final: bool = False) -> None:
         """After an evaluation, when train.sample_every says so, and at the end of a run
@@ -333,7 +386,8 @@ class Loop:
             notes.append(f"skipped {self.skipped:,} step(s) with a non-finite loss (train.on_nan=skip)")
         if self.saved_step == s.step or stopped == "nan":
             return stopped
-        if stopped not in ("interrupted", "stop_at_step"):
+        self.finishing = True  # the last evaluation writes last.pt whatever it cost
+        if stopped not in ("interrupted", "stop_at_step") and self.evaluated_step != s.step:
             return stopped if self.evaluate_and_save() else "nan"
         if not weights_finite(self.run.model):
             self.nan_step = s.step

@@ -26,7 +26,7 @@ def pick(
     if not isinstance(temperature, torch.Tensor):
         if temperature == 0:
             return logits.argmax(dim=-1)
-        logits = logits.float() / temperature
+        logits = logits.float() / temperature if temperature != 1 else logits.float()
     else:
         greedy = temperature == 0  # (B,)
         if greedy.all():

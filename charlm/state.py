@@ -81,15 +81,46 @@ def snapshot(ts: TrainState, batcher: Batcher, model: torch.nn.Module, dist: Dis
 
 def restore(resume: dict[str, Any], ts: TrainState, batcher: Batcher,
             optimizer: torch.optim.Optimizer, cfg: Config, dist: Dist,
-            device: torch.device) -> list[str]:
-    """Put a checkpoint's training state into ``ts``, ``batcher``, ``optimizer`` and the
-    random generators. Returns notes for the user; raises CheckpointError when it cannot."""
+            device: torch.device, scaler: torch.amp.GradScaler | None = None) -> list[str]:
+    """Put a checkpoint's training state into ``ts``, ``batcher``, ``optimizer``, the
+    gradient ``scaler`` and the random generators. Returns notes for the user; raises
+    CheckpointError when it cannot."""
+    if "optimizer" not in resume:
+        raise CheckpointError(
+            "the checkpoint's training state cannot be restored: it holds the weights without "
+            "the optimizer state, as best.pt does; resume from last.pt or the run directory, or "
+            "start a new run from these weights with --init-from"
+        )
     try:
-        return _restore(resume, ts, batcher, optimizer, cfg, dist, device)
+        notes = _restore(resume, ts, batcher, optimizer, cfg, dist, device)
+        restore_scaler(resume["train_state"].get("scaler"), scaler)
+        return notes
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
         raise CheckpointError(
             f"the checkpoint's training state cannot be restored ({first_line(exc)})"
         ) from None
+
+
+SCALER_FIELDS = {"scale": float, "growth_factor": float, "backoff_factor": float,
+                 "growth_interval": int, "_growth_tracker": int}
+
+
+def restore_scaler(saved: Any, scaler: torch.amp.GradScaler | None) -> None:
+    """Go on at the saved loss scale (fp16). A checkpoint from another precision has none,
+    or has one that this run does not use: the scaler then starts afresh."""
+    if saved is None or scaler is None or not scaler.is_enabled():
+        return
+    if not isinstance(saved, dict) or set(saved) != set(SCALER_FIELDS):
+        raise ValueError("the saved gradient scaler state has other fields")
+    for key, kind in SCALER_FIELDS.items():
+        value = saved[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"gradient scaler {key} is a {type(value).__name__}")
+        if not (math.isfinite(value) and value >= 0) or (kind is int and value != int(value)):
+            raise ValueError(f"gradient scaler {key} is {value!r}")
+    if not saved["scale"] > 0:
+        raise ValueError("gradient scaler scale must be positive")
+    scaler.load_state_dict({k: kind(saved[k]) for k, kind in SCALER_FIELDS.items()})
 
 
 def _restore(resume, ts, batcher, optimizer, cfg, dist, device) -> list[str]:

@@ -21,7 +21,7 @@ class GraphStep:
 
     The returned logits and state live in the graph's own buffers and are overwritten by the
     next call, which is how the sampling loop uses them (it draws from the logits and passes
-    the state straight back).
+    the state straight back); :func:`own` copies a state that must outlive the loop.
     """
 
     def __init__(self, stepper: Stepper, batch: int, state: State):
@@ -38,7 +38,10 @@ class GraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits, out = stepper(self.ids, self._state(self.state_in))
-        self.state_out = state_tensors(out)
+            # The new state goes back into the input buffers inside the graph, so a loop that
+            # passes the returned state straight back costs no copies.
+            for dst, src in zip(self.state_in, state_tensors(out), strict=True):
+                dst.copy_(src)
 
     def _state(self, tensors: list[torch.Tensor]) -> State:
         return (tensors[0], tensors[1]) if self.lstm else tensors[0]
@@ -46,9 +49,10 @@ class GraphStep:
     def __call__(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         self.ids.copy_(ids)
         for dst, src in zip(self.state_in, state_tensors(state), strict=True):
-            dst.copy_(src)
+            if src is not dst:  # a state from elsewhere (the seed's): copy it in
+                dst.copy_(src)
         self.graph.replay()
-        return self.logits, self._state(self.state_out)
+        return self.logits, self._state(self.state_in)
 
 
 def own(state: State) -> State:

@@ -27,7 +27,7 @@ from charlm import checkpoint
 from charlm.config import Config, apply_dict, load_toml, to_toml, validate
 from charlm.corpus import default_corpus
 from charlm.data import Batcher, as_tensor, load_corpus, split
-from charlm.device import autocast, cpu_count, resolve_precision, set_threads
+from charlm.device import allow_tf32, amp_plan, autocast, cpu_count, resolve_precision, set_threads
 from charlm.distributed import Dist
 from charlm.errors import CharlmError, CheckpointError, ConfigError, DataError, first_line
 from charlm.loop import Loop, Setup
@@ -59,6 +59,7 @@ class TrainResult:
     train_steps: str = ""  # the steps train_loss is the mean over, e.g. "steps 951-1,000"
     eval_seconds: float = 0.0  # spent evaluating, saving and sampling
     evaluations: int = 0
+    save_seconds: float = 0.0  # training time spent on checkpoints (copies and waits)
 
 
 def train(
@@ -81,13 +82,31 @@ def train(
     metrics.jsonl is always written, and TensorBoard logs with ``train.tensorboard``.
     """
     validate(cfg)
-    dist = dist or Dist()
+    try:
+        return _train(text_path, cfg, out_dir, resume, init_from, allow_other_data,
+                      drop_unknown, stop_at_step, progress, dist or Dist(), monitors)
+    except OUT_OF_MEMORY as exc:  # the GPU's memory; the CPU's is a MemoryError
+        m, tc = cfg.model, cfg.train
+        raise CharlmError(
+            f"out of GPU memory ({first_line(exc).split('. ')[0]}); lower --batch-size (now "
+            f"{tc.batch_size}), --seq-len (now {tc.seq_len}) or --hidden-size (now "
+            f"{m.hidden_size}); checkpoints already written are unchanged"
+        ) from None
+
+
+# torch.OutOfMemoryError since torch 2.5; torch.cuda.OutOfMemoryError before.
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _train(text_path, cfg, out_dir, resume, init_from, allow_other_data, drop_unknown,
+           stop_at_step, progress, dist, monitors) -> TrainResult:
     main = dist.rank == 0
     report = Monitors(_monitors(cfg, progress, monitors) if main else [])
     run = setup(text_path, cfg, resume, init_from, allow_other_data, drop_unknown, dist)
     state = TrainState(loss_sum=torch.zeros((), device=run.device))
     if resume is not None:
-        run.notes += restore(resume, state, run.batcher, run.optimizer, cfg, dist, run.device)
+        run.notes += restore(resume, state, run.batcher, run.optimizer, cfg, dist, run.device,
+                             run.scaler)
 
     stem = Path(run.source_info["name"]).stem
     with run_directory(out_dir, resume is not None, stem, cfg.model.cell, to_toml(cfg),
@@ -99,6 +118,9 @@ def train(
         loop = Loop(run, state, run_dir, report, resume is not None, stop_at_step)
         stopped = loop.fit()
         total = loop.elapsed()
+    if loop.save_seconds > max(0.02 * (total - state.elapsed), 1.0):  # worth a word
+        run.notes.append(f"saving checkpoints took {loop.save_seconds:.1f} s of training time "
+                         f"({loop.save_seconds / max(total - state.elapsed, 1e-9):.0%})")
 
     if stopped == "nan":
         kept = (f"kept the last good checkpoint, {run_dir / 'last.pt'}"
@@ -122,6 +144,7 @@ def train(
         device=str(run.device), precision=run.precision, notes=run.notes,
         train_steps=train_steps, eval_seconds=loop.eval_seconds + loop.sample_seconds,
         evaluations=loop.evaluations,
+        save_seconds=loop.save_seconds,
     )
 
 
@@ -143,6 +166,8 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
     tc = cfg.train
     device = dist.pick_device(tc.device, cfg.model.cell)
     precision = resolve_precision(tc.precision, device)
+    plan = amp_plan(precision, device, cfg.model.cell)
+    allow_tf32(device)
     if device.type == "cpu":
         # Processes sharing a machine share its cores.
         set_threads(tc.threads or max(1, cpu_count() // dist.local_world))
@@ -197,8 +222,9 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
         cfg=cfg, dist=dist, device=device, precision=precision,
         source_info={**corpus.source.describe(), "path": str(Path(text_path).resolve())},
         chars=len(corpus.ids), vocab=vocab, val_ids=val_ids, batcher=batcher, model=model,
-        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        amp=autocast(device, precision), sample_seed=vocab.decode(train_np[: min(8, len(train_np))]),
+        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=plan.loss_scaling),
+        amp=autocast(device, precision), plan=plan,
+        sample_seed=vocab.decode(train_np[: min(8, len(train_np))]),
         notes=notes, vocab_growth=checkpoint.growth_of(base),
     )
 
@@ -241,7 +267,7 @@ def header(run: Setup, state: TrainState, run_dir: Path, resumed: bool) -> Heade
     return Header(
         file=run.source_info["name"], chars=run.chars, vocab_size=len(run.vocab),
         model=f"{m.cell} {m.hidden_size} x {m.num_layers}, embedding {m.embed_size}{dropout}",
-        parameters=run.model.num_parameters(), device=str(run.device), precision=run.precision,
+        parameters=run.model.num_parameters(), device=str(run.device), precision=run.plan.describe(),
         batch_size=tc.batch_size, seq_len=tc.seq_len, world=run.dist.world,
         limits=(", ".join(limits) or "none (Ctrl-C stops and saves)")
         + "; " + Pacer(tc.eval_every, tc.log_every, tc.max_steps, tc.max_time, tc.max_epochs,

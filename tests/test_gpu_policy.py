@@ -93,3 +93,87 @@ def test_single_layer_and_dropout_free_models_keep_the_fused_module():
 def test_sampling_step_is_the_eager_stepper_on_the_cpu():
     model = build_model(10, ModelConfig(cell="lstm", embed_size=4, hidden_size=8))
     assert isinstance(make_step(model, 2, model.init_state(2)), Stepper)
+
+
+def test_scaler_state_round_trips_and_is_checked():
+    from charlm.state import restore_scaler
+
+    saved = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7, enabled=True)
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    restore_scaler(saved.state_dict(), fresh)
+    assert fresh.get_scale() == 512.0 and fresh.get_growth_interval() == 7
+    restore_scaler(None, fresh)  # a checkpoint from fp32 or bf16: nothing to restore
+    restore_scaler(saved.state_dict(), torch.amp.GradScaler("cpu", enabled=False))
+    for bad in ({**saved.state_dict(), "scale": float("nan")},
+                {**saved.state_dict(), "scale": -1.0},
+                {**saved.state_dict(), "growth_interval": 2.5},
+                {**saved.state_dict(), "_growth_tracker": "0"},
+                {"scale": 1.0}, [1.0]):
+        with pytest.raises((TypeError, ValueError)):
+            restore_scaler(bad, torch.amp.GradScaler("cpu", enabled=True))
+
+
+def test_out_of_gpu_memory_is_one_line_and_keeps_the_run(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import assert_clean_error, run_cli
+
+    import charlm.loop
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p.name: p.read_bytes() for p in run.glob("*.pt")}
+
+    def oom(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(charlm.loop.Loop, "train_step", oom)
+    proc = run_cli("train", "--resume", run, "--max-steps", "60", "--no-progress")
+    assert_clean_error(proc, "out of GPU memory", "--batch-size (now 8)", "--seq-len (now 16)",
+                       "--hidden-size (now 32)", "unchanged")
+    assert {p.name: p.read_bytes() for p in run.glob("*.pt")} == before
+    monkeypatch.undo()
+    proc = run_cli("train", "--resume", run, "--max-steps", "41", "--no-progress")
+    assert proc.returncode == 0, proc.stderr  # the lock was released
+
+
+def test_best_pt_has_no_optimizer_state_and_resuming_it_says_what_to_do(tiny_run):
+    from conftest import assert_clean_error, run_cli
+
+    from charlm import checkpoint
+
+    assert "optimizer" not in checkpoint.load(tiny_run / "best.pt")
+    assert "optimizer" in checkpoint.load(tiny_run / "last.pt")
+    proc = run_cli("train", "--resume", tiny_run / "best.pt", "--max-steps", "50")
+    assert_clean_error(proc, "without the optimizer state", "last.pt", "--init-from")
+
+
+def test_a_checkpoint_copy_shares_no_memory_with_the_live_tensors():
+    from charlm.saver import detached_copy
+
+    live = {"w": torch.ones(3), "nested": [torch.zeros(2), {"x": torch.arange(3)}], "n": 5}
+    copy = detached_copy(live)
+    live["w"].add_(1)
+    live["nested"][0].add_(1)
+    live["nested"][1]["x"].add_(1)
+    assert copy["w"].tolist() == [1, 1, 1] and copy["nested"][0].tolist() == [0, 0]
+    assert copy["nested"][1]["x"].tolist() == [0, 1, 2] and copy["n"] == 5
+    assert detached_copy(live, clone_cpu=False)["w"].data_ptr() == live["w"].data_ptr()
+
+
+def test_the_writer_writes_in_order_keeps_the_newest_and_reports_errors(tmp_path):
+    from charlm.saver import CheckpointWriter
+
+    def load(path):
+        return torch.load(path, weights_only=True)
+
+    writer = CheckpointWriter()
+    for step in range(5):
+        writer.submit({tmp_path / "best.pt": {"step": step}, tmp_path / "last.pt": {"step": step}})
+    writer.close()
+    assert load(tmp_path / "last.pt")["step"] == 4
+    assert load(tmp_path / "best.pt")["step"] == 4
+    broken = CheckpointWriter()
+    broken.submit({tmp_path / "missing" / "last.pt": {"step": 1}})
+    with pytest.raises(Exception, match="could not write|No such file"):
+        broken.close()

@@ -71,3 +71,15 @@ def test_auto_prefers_cuda_then_mps_where_the_cell_runs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert resolve_device("auto", "lstm").type == "cpu"
+
+
+def test_cache_folder_without_platformdirs_follows_the_same_convention(monkeypatch, tmp_path):
+    import sys
+
+    from charlm import data
+
+    monkeypatch.delenv("CHARLM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with_platformdirs = data.cache_dir()
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # not installed (GPU box, --no-deps)
+    assert data.cache_dir() == with_platformdirs == tmp_path / "charlm"
