@@ -167,7 +167,7 @@ def train(
         help="UTF-8 text file, or a directory of *.txt files. Default: tiny Shakespeare "
         "(shipped with charlm), or the file a resumed run was trained on.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config, e.g. configs/cpu.toml; options given here override it.")] = None,
-    cell: Annotated[str | None, typer.Option(help=f"Recurrent cell: {CELL_CHOICES}.", show_default=_default("model.cell"))] = None,
+    cell: Annotated[str | None, typer.Option(help=f"{CELL_CHOICES}: the recurrent cell.", show_default=_default("model.cell"))] = None,
     hidden_size: Annotated[int | None, typer.Option(help="Units in each recurrent layer.", show_default=_default("model.hidden_size"))] = None,
     num_layers: Annotated[int | None, typer.Option(help="Stacked recurrent layers.", show_default=_default("model.num_layers"))] = None,
     embed_size: Annotated[int | None, typer.Option(help="Size of each character's embedding vector.", show_default=_default("model.embed_size"))] = None,

@@ -35,8 +35,7 @@ class DataConfig:
     encoding: str = "utf-8"
     # "strict" refuses undecodable bytes; "replace" maps them to U+FFFD.
     errors: str = "strict"
-    # "normalize" reads CRLF and lone CR line endings as \n (as Python's text mode does);
-    # "keep" keeps them as characters of the vocabulary.
+    # "normalize" reads CRLF and CR line endings as \n (as Python's text mode); or "keep".
     newline: str = "normalize"
 
 

@@ -25,7 +25,7 @@ from charlm.data import as_tensor, eval_windows, load_corpus
 from charlm.device import autocast, resolve_device, resolve_precision
 from charlm.errors import DataError
 from charlm.model import CharRNN
-from charlm.units import bits
+from charlm.units import LN2, bits
 from charlm.vocab import Vocab
 
 # What an unknown character costs with unknown="charge": log2 of the number of Unicode code
@@ -158,8 +158,7 @@ def evaluate_model(
     loss = mean_loss(model, as_tensor(ids, device), streams, seq_len, amp=amp,
                      on_progress=advance if on_progress is not None else None)
     if unknown == "charge" and dropped:
-        nats = UNKNOWN_BITS * math.log(2)
-        loss = (loss * predictions + dropped * nats) / (predictions + dropped)
+        loss = (loss * predictions + dropped * UNKNOWN_BITS * LN2) / (predictions + dropped)
     return EvalResult(loss, len(ids), dropped, unknown)
 
 

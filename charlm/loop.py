@@ -29,7 +29,7 @@ from charlm.distributed import Dist
 from charlm.evaluate import mean_loss
 from charlm.model import CharRNN, detach_state
 from charlm.monitors import Monitor
-from charlm.pacing import Pacer
+from charlm.pacing import Due, Pacer
 from charlm.sample import generate
 from charlm.saver import CheckpointWriter, detached_copy
 from charlm.schedule import lr_at, planned_progress
@@ -104,6 +104,7 @@ class Loop:
         self.first_step, self.first_chars = state.step, state.chars_seen
         self.train_from = ""  # the steps the last train record covers, e.g. "steps 951-1,000"
         self.log_from = state.step - state.loss_count
+        self.due = Due(log=True, eval=False)  # what the pacer decided for the next step
 
     def elapsed(self) -> float:
         return self.state.elapsed + time.perf_counter() - self.started
@@ -116,8 +117,8 @@ class Loop:
         self.run.model.train()
         with self.checkpoint_writer(), StopSignals(announce=self.main) as signals:
             while not (stopped := self.stop_reason(signals)):
-                due = self.pacer.due(s.step + 1, self.now)
-                outcome = self.train_step(check=due.log)
+                due = self.due = self.pacer.due(s.step + 1, self.now)
+                outcome = self.train_step()
                 if outcome == "nan":
                     stopped = "nan"
                     break
@@ -183,9 +184,9 @@ class Loop:
         return (per_step + self.pacer.final_eval_seconds(per_char, len(self.run.val_ids))
                 + self.sample_seconds / max(self.samples, 1))
 
-    def train_step(self, check: bool = True) -> str:
+    def train_step(self) -> str:
         """One optimizer step on the next batch; returns "ok", "skipped" or "nan". On an
-        accelerator the NaN guard syncs only when ``check`` (a logged step) or skipping."""
+        accelerator the NaN guard syncs only at a logged step (``self.due``) or skipping."""
         run, s, tc, dist = self.run, self.state, self.tc, self.dist
         B, T = tc.batch_size, tc.seq_len
         if run.batcher.new_epoch or s.carried is None:
@@ -202,7 +203,7 @@ class Loop:
         self.grad_norm = torch.nn.utils.clip_grad_norm_(
             run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
         )
-        check_now = run.device.type == "cpu" or tc.on_nan == "skip" or check
+        check_now = run.device.type == "cpu" or tc.on_nan == "skip" or self.due.log
         # Both are >= 0, so the sum is finite exactly when both are. Under fp16 the scaler
         # itself skips steps with inf gradients, so only the loss is watched there.
         watched = loss.detach() if run.scaler.is_enabled() else loss.detach() + self.grad_norm.detach()

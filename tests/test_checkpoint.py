@@ -216,8 +216,8 @@ def _bad_file(tmp_path: Path, good: Path, kind: str) -> tuple[Path, str]:
         torch.save(ckpt, path)
         return path, "newer than this charlm reads"
     if kind == "directory":
-        path.mkdir()
-        return path, "not a file"
+        path.mkdir()  # a directory stands for its best.pt or last.pt: here it has neither
+        return path, "is a directory with no checkpoint"
     raise AssertionError(kind)
 
 

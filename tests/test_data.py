@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import charlm.data
+import charlm.text
 from charlm.data import Batcher, as_tensor, eval_windows, load_corpus, split
 from charlm.errors import DataError
 from charlm.vocab import Vocab
@@ -188,7 +189,7 @@ def test_cache_hit_skips_decoding_and_memory_maps(text_file, monkeypatch):
     monkeypatch.setattr(charlm.data, "_encode_to", fail)
     with monkeypatch.context() as m:
         m.setattr(charlm.data, "_scan", no_scan)
-        m.setattr(charlm.data, "iter_text", no_scan)
+        m.setattr(charlm.text, "iter_text", no_scan)
         second = load_corpus(text_file)
         assert isinstance(second.ids, np.memmap)
         assert np.array_equal(second.ids, first.ids) and second.vocab == first.vocab
@@ -265,5 +266,7 @@ def test_empty_and_whitespace_refused(tmp_path):
 def test_crlf_noticed(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(b"line one\r\nline two\r\n")
-    corpus = load_corpus(path)
-    assert corpus.crlf and "\r" in corpus.vocab.chars
+    corpus = load_corpus(path)  # read as \n by default, and noticed
+    assert corpus.crlf and "\r" not in corpus.vocab.chars and corpus.newline == "normalize"
+    kept = load_corpus(path, newline="keep")
+    assert kept.crlf and "\r" in kept.vocab.chars

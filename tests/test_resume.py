@@ -30,7 +30,7 @@ from charlm.data import Batcher, as_tensor, load_corpus, split
 from charlm.runs import read_metrics
 from charlm.train import train
 
-WALL_CLOCK = ("elapsed", "chars_per_sec")
+WALL_CLOCK = ("elapsed", "chars_per_sec", "save_seconds")
 
 # About 500 characters: with 4 streams of 16 the epochs last 6 or 7 steps, so 30 steps
 # cross several epoch boundaries.
