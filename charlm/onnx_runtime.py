@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from charlm.config import Config
+from charlm.config import Config, validate
 from charlm.decoding import start_ids
 from charlm.errors import CharlmError, CheckpointError
 from charlm.extras import require
@@ -70,29 +70,63 @@ def read_metadata(path: Path, meta: dict[str, str], fmt: str, newest: int,
     if meta.get("format") != fmt:
         raise CheckpointError(f"{path} is not a charlm {kind} export (no charlm metadata)")
     version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) > newest:
+    if not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= newest:
         raise CheckpointError(
-            f"{path} has {kind} export format {version!r}, newer than this charlm reads "
-            f"({newest}); upgrade charlm (pip install -U charlm)"
+            f"{path} has {kind} export format {version[:20]!r}; this charlm reads formats 1 to "
+            f"{newest} (a newer one needs a newer charlm: pip install -U charlm)"
         )
     try:
         config = json.loads(meta["config"])
         vocab = Vocab.from_json(meta["vocab"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path} has invalid charlm metadata: {exc}") from None
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:160]
+        raise CheckpointError(f"{path} has invalid charlm metadata: {why}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} has invalid charlm metadata: its config is not a table")
+    if not len(vocab):
+        raise CheckpointError(f"{path} has invalid charlm metadata: an empty vocabulary")
     return int(version), config, vocab
 
 
+def _check_signature(path: Path, session: Any, config: Config, vocab: Vocab) -> None:
+    """The inputs and outputs, in order, with the shapes the config and vocabulary give:
+    the state arrays are allocated from the config, and ids are read from the logits."""
+    m = config.model
+    state = [m.num_layers, "B", m.hidden_size]
+    names = state_names(m.cell)
+    want_in = {"ids": ["B", 1], **{n: state for n in names}}
+    want_out = {"logits": ["B", len(vocab)], **{f"{n}_out": state for n in names}}
+    for what, args, want in (("inputs", session.get_inputs(), want_in),
+                             ("outputs", session.get_outputs(), want_out)):
+        found = [a.name for a in args]
+        if found != list(want):
+            raise CheckpointError(f"{path} has {what} {found}; a charlm export has {list(want)}")
+        for arg in args:
+            shape = list(arg.shape)
+            ok = len(shape) == len(want[arg.name]) and all(
+                w == "B" or g == w for g, w in zip(shape, want[arg.name], strict=False))
+            if not ok:
+                raise CheckpointError(
+                    f"{path}: {arg.name} has shape {shape}, but its config and vocabulary "
+                    f"give {want[arg.name]}"
+                )
+
+
 def load(path: str | Path) -> OnnxModel:
-    """Open a charlm ONNX export with onnxruntime and check its metadata and inputs."""
+    """Open a charlm ONNX export with onnxruntime and check its metadata, inputs and
+    outputs against its config before anything is allocated from it."""
     ort = require("onnxruntime", "export", "running an ONNX model")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"ONNX model not found: {path}")
+    try:  # read by Python, so that any file name the OS allows works
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: onnxruntime warns about unused initializers
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     # onnxruntime raises its own exception classes (InvalidProtobuf, Fail, ...) for bad files.
     except Exception as exc:  # noqa: BLE001
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
@@ -100,13 +134,10 @@ def load(path: str | Path) -> OnnxModel:
     meta = session.get_modelmeta().custom_metadata_map
     _, config_dict, vocab = read_metadata(path, meta, FORMAT, FORMAT_VERSION, "ONNX")
     try:
-        config = Config.from_dict(config_dict, source="ONNX metadata config")
+        config = validate(Config.from_dict(config_dict, source="ONNX metadata config"))
     except (TypeError, CharlmError) as exc:
         raise CheckpointError(f"{path} has invalid charlm metadata: {exc}") from None
-    expected = ["ids", *state_names(config.model.cell)]
-    found = [i.name for i in session.get_inputs()]
-    if found != expected:
-        raise CheckpointError(f"{path} has inputs {found}; a charlm export has {expected}")
+    _check_signature(path, session, config, vocab)
     return OnnxModel(session, vocab, config, path)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from charlm import checkpoint
+from charlm import checkpoint, resume_state
 from charlm.config import Config, to_toml, validate
 from charlm.data import Batcher, as_tensor, load_corpus, split
 from charlm.device import autocast, cpu_count, resolve_precision, set_threads
@@ -176,6 +176,7 @@ def train(
     base = resume or init_from
     if base is not None:
         old = checkpoint.config_of(base)
+        checkpoint.check_weights(base)  # before anything is allocated for them
         diffs = checkpoint.shape_differences(old, cfg)
         if diffs:
             raise CheckpointError(
@@ -246,13 +247,16 @@ def train(
     state = None
     if resume is not None:
         try:
-            ts = resume["train_state"]
-            optimizer.load_state_dict(resume["optimizer"])
+            old_cfg = checkpoint.config_of(resume)
+            # Every tensor checked against this run and copied: a crafted one can corrupt memory.
+            ts = resume_state.train_state(resume["train_state"], old_cfg.model,
+                                          old_cfg.train.batch_size)
+            optimizer.load_state_dict(resume_state.optimizer_state(resume["optimizer"], optimizer))
             step, elapsed_before, chars_seen = ts["step"], ts["elapsed"], ts["chars_seen"]
             best_val, evals_since_best = ts["best_val_loss"], ts["evals_since_best"]
             loss_sum += ts["loss_sum"]
             loss_count = ts["loss_count"]
-            old_tc = checkpoint.config_of(resume).train
+            old_tc = old_cfg.train
             old_layout = (old_tc.batch_size, old_tc.seq_len, ts.get("world", 1))
             if old_layout == (B, T, dist.world):
                 batcher.load_state_dict(ts["batcher"])
