@@ -8,6 +8,7 @@ renamed over the target, so a crash at any moment leaves the previous file intac
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -38,7 +39,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode) as f:
+        with os.fdopen(open_no_follow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, fresh=True),
+                       mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -60,6 +62,34 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             os.close(fd)
     except OSError:
         pass
+
+
+# Files in run, cache and output directories are created and appended to without following
+# a symbolic link: a planted link must not make charlm truncate or write another file.
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_no_follow(path: Path, flags: int, fresh: bool = False) -> int:
+    """``os.open(path, flags)`` that refuses a symbolic link at ``path`` (one-line
+    CharlmError); ``fresh`` first removes whatever is there (our own temporary name)."""
+    if fresh:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        return os.open(path, flags | O_NOFOLLOW, 0o644)
+    except OSError:
+        refuse_symlink(path)
+        raise
+
+
+def refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise CharlmError(
+            f"{path} is a symbolic link; charlm never writes through one there (remove it "
+            "and run again)"
+        )
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -267,6 +297,29 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Ch
     """The model (eval mode, on ``device``) and vocabulary of a .pt or .safetensors file."""
     ckpt = read(path)
     return model_of(ckpt, device), vocab_of(ckpt)
+
+
+def recorded(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records about its training, for display: each value of the type
+    it should have, or a neutral default (a crafted or foreign file may hold anything)."""
+    ts, source = ckpt.get("train_state"), ckpt.get("train_file")
+    ts = ts if isinstance(ts, dict) else {}
+    source = source if isinstance(source, dict) else {}
+
+    def value(table: dict, key: str, kind: type, default: Any) -> Any:
+        v = table.get(key, default)
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        return v if isinstance(v, kind) and not isinstance(v, bool) else default
+
+    return {
+        "step": value(ts, "step", int, 0), "epoch": value(ts, "epoch", float, 0.0),
+        "best_val_loss": value(ts, "best_val_loss", float, math.nan),
+        "elapsed": value(ts, "elapsed", float, 0.0), "file": value(source, "name", str, "?"),
+        "file_size": value(source, "size", int, 0), "sha256": value(source, "sha256", str, "?"),
+        "charlm_version": str(ckpt.get("charlm_version")),
+        "torch_version": str(ckpt.get("torch_version")),
+    }
 
 
 def shape_differences(old: Config, new: Config) -> list[str]:

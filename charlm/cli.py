@@ -327,10 +327,10 @@ def info(checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")])
 
     ckpt = checkpoint.read(checkpoint_path)
     cfg = checkpoint.config_of(ckpt)
-    ts = ckpt.get("train_state", {})
-    source = ckpt.get("train_file", {})
+    checkpoint.check_weights(ckpt)  # so the numbers below describe real weights
+    r = checkpoint.recorded(ckpt)
     params = sum(t.numel() for t in ckpt["model"].values())
-    best = ts.get("best_val_loss", math.nan)
+    best = r["best_val_loss"]
     out.print(_table(str(checkpoint_path), [
         ("cell", cfg.model.cell),
         ("embedding / hidden / layers",
@@ -338,14 +338,14 @@ def info(checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")])
         ("dropout", f"{cfg.model.dropout:g}"),
         ("parameters", f"{params:,}"),
         ("vocabulary", f"{len(ckpt['vocab']):,} characters"),
-        ("steps", f"{ts.get('step', 0):,}"),
-        ("epochs", f"{ts.get('epoch', 0):.2f}"),
+        ("steps", f"{r['step']:,}"),
+        ("epochs", f"{r['epoch']:.2f}"),
         ("best val loss", f"{best:.4f} nats ({best / math.log(2):.4f} bits/char)"),
-        ("training time", f"{ts.get('elapsed', 0):,.1f} s"),
-        ("training file", f"{source.get('name', '?')} ({source.get('size', 0):,} bytes)"),
-        ("file sha256", str(source.get("sha256", "?"))),
+        ("training time", f"{r['elapsed']:,.1f} s"),
+        ("training file", f"{r['file']} ({r['file_size']:,} bytes)"),
+        ("file sha256", r["sha256"]),
         ("format / charlm / torch",
-         f"{ckpt['format_version']} / {ckpt.get('charlm_version')} / {ckpt.get('torch_version')}"),
+         f"{ckpt['format_version']} / {r['charlm_version']} / {r['torch_version']}"),
     ]))
 
 

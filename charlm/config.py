@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from charlm.errors import ConfigError
+from charlm.errors import ConfigError, DataError
+from charlm.text import check_encoding
 
 CELLS = ("rnn", "lstm", "gru")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -250,6 +251,10 @@ def validate(cfg: Config) -> Config:
                     hi = "inf" if high is None else _number(high)
                     bracket = "[" if low_inclusive else "("
                     raise ConfigError(f"{key} must be in {bracket}{lo}, {hi}]; got {value!r}")
+    try:
+        check_encoding(cfg.data.encoding)
+    except DataError as exc:
+        raise ConfigError(f"data.encoding: {exc}") from None
     if cfg.model.dropout >= 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1); got {cfg.model.dropout}")
     return cfg

@@ -107,8 +107,8 @@ def _check_signature(path: Path, session: Any, config: Config, vocab: Vocab) -> 
                 w == "B" or g == w for g, w in zip(shape, want[arg.name], strict=False))
             if not ok:
                 raise CheckpointError(
-                    f"{path}: {arg.name} has shape {shape}, but its config and vocabulary "
-                    f"give {want[arg.name]}"
+                    f"{path}: its {arg.name} has shape {shape}, which does not fit its config "
+                    f"and vocabulary ({want[arg.name]})"
                 )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from charlm.checkpoint import atomic_write_text
+from charlm.checkpoint import atomic_write_text, open_no_follow, refuse_symlink
 from charlm.errors import CharlmError
 
 RUNS_DIR = Path("runs")
@@ -63,7 +63,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise CharlmError(f"run directory {run_dir} is not writable: {exc.strerror}") from None
         try:
@@ -91,12 +91,17 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_through_step: int | None = None):
         self.path = path
+        refuse_symlink(path)  # before its lines are read and rewritten
         if keep_through_step is not None and path.exists():
             # Lines written after the checkpoint we resume from describe steps that will be
             # trained again: drop them so the file reads as one uninterrupted run.
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_through_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.file = open(path, "a", encoding="utf-8")
+        try:
+            fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except OSError as exc:
+            raise CharlmError(f"cannot write {path}: {exc.strerror or exc}") from None
+        self.file = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         try:

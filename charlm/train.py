@@ -195,6 +195,7 @@ def train(
                 f"({trained_on.get('name')}, different content); pass --allow-other-data "
                 "to resume on it anyway"
             )
+    notes += corpus.notes
     if corpus.unknown:
         notes.append(f"dropped {corpus.unknown:,} characters outside the vocabulary")
     if corpus.crlf:
