@@ -39,8 +39,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(open_no_follow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, fresh=True),
-                       mode) as f:
+        with open(tmp, mode, opener=lambda name, flags: open_no_follow(
+                Path(name), flags | os.O_EXCL, fresh=True)) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

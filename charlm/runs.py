@@ -98,10 +98,10 @@ class MetricsLog:
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_through_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         try:
-            fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            self.file = open(path, "a", encoding="utf-8",
+                             opener=lambda name, flags: open_no_follow(Path(name), flags))
         except OSError as exc:
             raise CharlmError(f"cannot write {path}: {exc.strerror or exc}") from None
-        self.file = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         try:
