@@ -8,6 +8,7 @@ renamed over the target, so a crash at any moment leaves the previous file intac
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import pickle
@@ -101,6 +102,28 @@ def _os_error(exc: BaseException) -> OSError | None:
             return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of ``path`` (``.NAME.PID.tmp``, as atomic_write names
+    them) whose process is gone: a write that was killed half-way."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError, OverflowError):  # not ours to signal, or no such pid form
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

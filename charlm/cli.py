@@ -3,7 +3,10 @@ renders the result; it is the only module that knows about typer and rich."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -22,22 +25,33 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# No markup: file names, run names and messages are printed literally ("[v2] exp" stays so).
+out = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
+
+
+def _literal(text: object) -> str:
+    """``text`` on one line, with control characters (terminal escapes, newlines) and
+    undecodable bytes of file names shown as escapes instead of acting on the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
+def _command(*words: object) -> str:
+    """A command line the user can paste: each word quoted for the shell where needed."""
+    return " ".join(shlex.quote(str(w)) for w in words)
 
 
 def _error(message: str) -> None:
     # One line whatever the message quotes (a file name or --set value with a newline in it).
-    message = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
-    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    err.print(Text.assemble(("error: ", "bold red"), _literal(message)), soft_wrap=True)
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=_literal(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(_literal(key), _literal(value))
     return table
 
 
@@ -96,6 +110,7 @@ def train(
     from charlm.config import Config, apply_sets, load_toml, validate
     from charlm.corpus import default_corpus
     from charlm.distributed import from_env
+    from charlm.runs import check_resume_out
     from charlm.train import EXIT_INTERRUPTED
     from charlm.train import train as run_training
 
@@ -119,13 +134,14 @@ def train(
                 raise CharlmError(f"{ckpt_path} has no training state to resume (exported weights?)")
             cfg = checkpoint.config_of(resume_ckpt)
             out_dir = out_dir or ckpt_path.parent
+            check_resume_out(ckpt_path, out_dir)
             if file is None:
                 source = resume_ckpt.get("train_file")
                 recorded = source.get("path") if isinstance(source, dict) else None
                 if not recorded or not Path(recorded).exists():
                     raise CharlmError(
                         f"the run's training file {recorded or '(not recorded)'} is not there; "
-                        f"name it: charlm train FILE --resume {resume}"
+                        f"name it: charlm train FILE --resume {shlex.quote(str(resume))}"
                     )
                 file = Path(recorded)
         else:
@@ -149,7 +165,7 @@ def train(
         if file is None:
             file = default_corpus()
             if dist.rank == 0:
-                err.print(f"training on tiny Shakespeare: {file}")
+                err.print(f"training on tiny Shakespeare: {_literal(file)}")
         if stop_at_step < 0:
             raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
 
@@ -167,8 +183,8 @@ def train(
     if result.stopped == "interrupted":
         launcher = "charlm" if dist.world == 1 else "torchrun --nproc_per_node=N -m charlm"
         err.print(
-            f"interrupted at step {result.step}; saved {result.run_dir / 'last.pt'}. "
-            f"Resume with: {launcher} train --resume {result.run_dir}",
+            f"interrupted at step {result.step}; saved {_literal(result.run_dir / 'last.pt')}. "
+            f"Resume with: {launcher} train --resume {_literal(_command(result.run_dir))}",
             soft_wrap=True,  # one line, so the command can be copied whole
         )
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -247,7 +263,7 @@ def sample(
         from charlm.runs import latest_checkpoint
 
         checkpoint_path = latest_checkpoint()
-        err.print(f"using {checkpoint_path}", style="dim")
+        err.print(f"using {_literal(checkpoint_path)}", style="dim")
     if checkpoint_path.suffix.lower() == ".onnx":
         # onnxruntime and numpy only: this path never imports torch.
         from charlm import onnx_runtime
@@ -379,7 +395,7 @@ def download(
     from charlm.corpus import download as fetch
 
     path = fetch(url or os.environ.get("CHARLM_CORPUS_URL") or TINY_SHAKESPEARE_URL, output)
-    out.print(str(path))
+    out.print(_literal(path))
 
 
 # ---------------------------------------------------------------------------- plot / runs
@@ -395,7 +411,7 @@ def plot(
 
     r = plot_runs(run_dirs, output, width=width, height=height)
     runs_text = "1 run" if r.runs == 1 else f"{r.runs} runs"
-    out.print(f"wrote {r.path} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
+    out.print(f"wrote {_literal(r.path)} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
 
 
 def _duration(seconds: float) -> str:
@@ -419,11 +435,11 @@ def runs(
 
     found = list_runs(directory)
     if not found:
-        out.print(f"no runs in {directory} yet; start one with: charlm train")
+        out.print(f"no runs in {_literal(directory)} yet; start one with: charlm train")
         return
     # A light box, and no padding on narrow terminals, so nine columns fit in 80; only the
     # run name may fold onto several lines, numbers and dates stay whole.
-    table = Table(title=f"runs in {directory}, best validation loss first", title_justify="left",
+    table = Table(title=f"runs in {_literal(directory)}, best validation loss first", title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   padding=(0, 1) if out.width >= 100 else (0, 0))
     table.add_column("run", overflow="fold")
@@ -432,7 +448,7 @@ def runs(
     for r in found:
         size = "?" if r.hidden_size is None else f"{r.hidden_size}x{r.num_layers or '?'}"
         table.add_row(
-            r.name, r.cell or "?", size, f"{r.steps:,}",
+            _literal(r.name), _literal(r.cell or "?"), size, f"{r.steps:,}",
             "-" if r.best_val_loss is None else f"{r.best_val_loss:.4f}",
             "-" if r.best_val_bpc is None else f"{r.best_val_bpc:.4f}",
             "-" if r.chars_per_sec is None else f"{r.chars_per_sec:,.0f}",
@@ -474,6 +490,11 @@ def bench(
 
 
 # ---------------------------------------------------------------------------------- entry
+# How torch's CPU and CUDA allocators word a failed allocation.
+_ALLOCATOR = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: library errors become one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
@@ -507,10 +528,18 @@ def main(argv: list[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
-    except MemoryError:
-        _error("out of memory; use a smaller model or batch")
-        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if isinstance(exc, MemoryError) or _ALLOCATOR.search(str(exc)):
+            tried = re.search(r"allocate (\d+) bytes", str(exc))
+            size = f" (an allocation of {int(tried.group(1)) / 2**30:,.1f} GiB failed)" if tried else ""
+            _error(f"out of memory{size}; use a smaller model or batch")
+            sys.exit(1)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            # Files the library writes report their own errors: this is stdout (/dev/full, a
+            # full disk under a redirect). Point it at /dev/null so the flush at exit is quiet.
+            _error(f"cannot write the output: {exc.strerror}")
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         if os.environ.get("CHARLM_DEBUG"):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]

@@ -216,7 +216,8 @@ def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
     path = Path(path)
     cfg = cfg or Config()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: Windows editors start UTF-8 files with a byte-order mark.
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:

@@ -316,7 +316,9 @@ class Batcher:
 
     def _start_epoch(self) -> None:
         n, T, S = len(self.ids), self.seq_len, self.streams
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # Reduced into the generator's range, so every seed up to 2**63 - 1 works (and the
+        # smaller ones keep the epochs they always had).
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         slack = n - 1 - S * T  # >= 0, checked in __init__
         # Offsets T and 0 are the same phase of the windows: draw from [0, T).
         self.offset = int(torch.randint(0, min(T - 1, slack) + 1, (1,), generator=g))

@@ -324,5 +324,6 @@ def export_checkpoint(
         f.flush()
         worst.append(verify(Path(f.name), ckpt, model))
 
+    checkpoint.remove_stale_temporaries(out)  # left by an export that was killed
     checkpoint.atomic_write(out, write_and_verify)
     return ExportResult(out, fmt, out.stat().st_size, model.cfg.cell, worst[0], VERIFY_BATCHES)

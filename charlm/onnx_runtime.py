@@ -155,7 +155,9 @@ def pick(
     probability reaches ``top_p``."""
     if temperature == 0:
         return logits.argmax(axis=-1).astype(np.int64)
-    z = logits.astype(np.float64) / temperature  # (B, V)
+    z = logits.astype(np.float64)
+    # The largest logit moved to 0 first: a tiny temperature is greedy decoding, not NaN.
+    z = (z - z.max(axis=-1, keepdims=True)) / temperature  # (B, V)
     V = z.shape[-1]
     if 0 < top_k < V:
         kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]  # (B, 1)
@@ -165,6 +167,7 @@ def pick(
         p_sorted = _softmax(np.take_along_axis(z, order, axis=-1))
         # Drop a character when the ones before it already reach top_p (keeps at least one).
         drop_sorted = (np.cumsum(p_sorted, axis=-1) - p_sorted) >= top_p
+        drop_sorted[:, 0] = False  # the most likely always stays, however small top_p is
         drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         z = np.where(drop, -np.inf, z)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import tomllib
 import zipfile
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def open_run_dir(path: Path, resuming: bool) -> Path:
         raise CharlmError(f"--out {path} exists and is not a directory")
     if not resuming and any((path / name).exists() for name in CHECKPOINT_NAMES):
         raise CharlmError(
-            f"{path} already holds a run; continue it with --resume {path}, "
+            f"{path} already holds a run; continue it with --resume {shlex.quote(str(path))}, "
             "or choose another --out"
         )
     try:
@@ -55,6 +56,20 @@ def open_run_dir(path: Path, resuming: bool) -> Path:
     except OSError as exc:
         raise CharlmError(f"cannot create run directory {path}: {exc.strerror}") from None
     return path
+
+
+def check_resume_out(checkpoint_path: Path, out_dir: Path) -> None:
+    """``--resume A --out B``: B must be A's own directory, or hold no run, since resuming
+    replaces its checkpoints, config and metrics."""
+    home = checkpoint_path.resolve().parent
+    if out_dir.resolve() == home or not is_run_dir(out_dir):
+        return
+    raise CharlmError(
+        f"--out {out_dir} holds another run, which resuming {checkpoint_path} would overwrite; "
+        f"to continue it elsewhere pass a new or empty directory, as in --out "
+        f"{shlex.quote(str(out_dir.parent / (home.name + '-continued')))}, or leave out --out "
+        f"to continue in {home}"
+    )
 
 
 class RunLock:

@@ -21,7 +21,10 @@ def pick(
     characters and to the smallest set whose probability reaches ``top_p``."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # float64, and the largest logit moved to 0 first: a tiny temperature then sends every
+    # other logit to -inf, which is greedy decoding, instead of overflowing to inf - inf = NaN.
+    logits = logits.double()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -30,6 +33,7 @@ def pick(
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a character when the ones before it already reach top_p (keeps at least one).
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False  # the most likely always stays, however small top_p is
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

@@ -258,6 +258,12 @@ def train(
             loss_sum += ts["loss_sum"]
             loss_count = ts["loss_count"]
             old_tc = old_cfg.train
+            if old_cfg.data.val_fraction != cfg.data.val_fraction:
+                notes.append(
+                    f"data.val_fraction changed ({old_cfg.data.val_fraction:g} -> "
+                    f"{cfg.data.val_fraction:g}): validation losses from before the resume, and "
+                    "best.pt's, were measured on another split"
+                )
             old_layout = (old_tc.batch_size, old_tc.seq_len, ts.get("world", 1))
             if old_layout == (B, T, dist.world):
                 batcher.load_state_dict(ts["batcher"])

@@ -10,6 +10,9 @@ of these corrupted the heap, and a crash must fail the test, not the test run.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -18,7 +21,7 @@ import onnx
 import pytest
 import safetensors.torch
 import torch
-from conftest import run_charlm, run_cli
+from conftest import run_cli
 from test_hardening import clean_error
 
 from charlm import checkpoint, export
@@ -78,26 +81,66 @@ OPTIMIZER_CRAFTS = {
 }
 
 
-@pytest.mark.parametrize("case", OPTIMIZER_CRAFTS, ids=list(OPTIMIZER_CRAFTS))
-def test_crafted_training_state_is_refused_or_copied(case, tiny_run, tmp_path):
-    craft, needle = OPTIMIZER_CRAFTS[case]
-    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
-    craft(ckpt)
-    bad = tmp_path / "crafted.pt"
-    torch.save(ckpt, bad)
-    out = tmp_path / "run"
-    proc = run_charlm("train", tiny_run.parent / "input.txt", "--resume", bad, "--out", out,
-                      *RESUME, timeout=120)
-    # A heap corruption ends in SIGABRT/SIGSEGV (a negative return code).
-    assert proc.returncode in (0, 1), proc.stderr[-2000:]
-    if needle is None:
-        assert proc.returncode == 0, proc.stderr
-        ckpt = checkpoint.load(out / "last.pt")
-        assert ckpt["train_state"]["step"] == 41
-        assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
-    else:
-        clean_error(proc, "training state cannot be restored", needle)
-        assert not (out / "last.pt").exists()
+# Runs several commands in one fresh process (one torch import, not one per case), each
+# through the CLI's main(); a crash of that process ends the list early.
+_RUNNER = """
+import io, json, sys
+from contextlib import redirect_stderr, redirect_stdout
+from charlm.cli import main
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    print(json.dumps([code, err.getvalue()]), flush=True)
+"""
+
+
+def run_in_one_process(commands: list[list[str]], timeout: float = 300) -> list[tuple[int, str]]:
+    """(exit code, stderr) of each command; fails the calling test if the process crashed."""
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(commands)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+    results = [tuple(json.loads(line)) for line in proc.stdout.splitlines()]
+    # A heap corruption ends in SIGABRT or SIGSEGV: a negative return code, results cut short.
+    assert proc.returncode == 0 and len(results) == len(commands), (
+        f"exit {proc.returncode} after {len(results)} of {len(commands)} commands "
+        f"({commands[len(results)] if len(results) < len(commands) else ''}): "
+        f"{proc.stderr[-2000:]}"
+    )
+    return results
+
+
+def resume_crafted(tiny_run: Path, tmp_path: Path, crafts: list) -> list[tuple[int, str]]:
+    """Resume a copy of the tiny run's last.pt changed by each craft, for one step."""
+    commands = []
+    for i, craft in enumerate(crafts):
+        ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+        craft(ckpt)
+        bad = tmp_path / f"crafted-{i}.pt"
+        torch.save(ckpt, bad)
+        commands.append(["train", str(tiny_run.parent / "input.txt"), "--resume", str(bad),
+                         "--out", str(tmp_path / f"run-{i}"), *RESUME])
+    return run_in_one_process(commands)
+
+
+def test_crafted_training_states_are_refused_or_copied(tiny_run, tmp_path):
+    names = list(OPTIMIZER_CRAFTS)
+    results = resume_crafted(tiny_run, tmp_path, [OPTIMIZER_CRAFTS[n][0] for n in names])
+    for i, (name, (code, stderr)) in enumerate(zip(names, results, strict=True)):
+        needle = OPTIMIZER_CRAFTS[name][1]
+        proc = subprocess.CompletedProcess([name], code, "", stderr)
+        if needle is None:
+            assert code == 0, (name, stderr)
+            ckpt = checkpoint.load(tmp_path / f"run-{i}" / "last.pt")
+            assert ckpt["train_state"]["step"] == 41, name
+            assert all(torch.isfinite(t).all() for t in ckpt["model"].values()), name
+        else:
+            clean_error(proc, "training state cannot be restored", needle)
+            assert not (tmp_path / f"run-{i}" / "last.pt").exists(), name
 
 
 # ------------------------------------------------------------------ configs inside files
