@@ -47,7 +47,10 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses even to unlink what is not there
+            pass
         os_error = _os_error(exc)
         if os_error is not None:
             raise CharlmError(
