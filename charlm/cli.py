@@ -49,7 +49,7 @@ def _error(message: str) -> None:
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=_literal(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # a long path shown whole, over several lines
     for key, value in rows:
         table.add_row(_literal(key), _literal(value))
     return table
