@@ -157,7 +157,8 @@ def pick(
         return logits.argmax(axis=-1).astype(np.int64)
     z = logits.astype(np.float64)
     # The largest logit moved to 0 first: a tiny temperature is greedy decoding, not NaN.
-    z = (z - z.max(axis=-1, keepdims=True)) / temperature  # (B, V)
+    with np.errstate(over="ignore"):  # overflow to -inf is the point
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature  # (B, V)
     V = z.shape[-1]
     if 0 < top_k < V:
         kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]  # (B, 1)
