@@ -70,7 +70,8 @@ def optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> dict[str, A
     ours = optimizer.state_dict()["param_groups"]
     groups = saved.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(ours) or any(
-        not isinstance(g, dict) or g.get("params") != o["params"] for g, o in zip(groups, ours)
+        not isinstance(g, dict) or g.get("params") != o["params"]
+        for g, o in zip(groups, ours, strict=True)
     ):
         raise _bad("the optimizer's parameter groups do not match the model")
     params = [p for group in optimizer.param_groups for p in group["params"]]

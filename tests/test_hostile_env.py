@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, TINY_CONFIG, charlm_exe, run_charlm, run_cli
+from conftest import SAMPLE_TEXT, TINY_CONFIG, charlm_exe, run_cli
 from test_hardening import TINY, clean_error, digest
 
 import charlm.data

@@ -24,7 +24,7 @@ import torch
 from conftest import run_cli
 from test_hardening import clean_error
 
-from charlm import checkpoint, export
+from charlm import checkpoint
 
 RESUME = ("--max-steps", "41", "--no-progress", "--no-samples", "--set", "train.threads=1")
 
@@ -70,8 +70,8 @@ OPTIMIZER_CRAFTS = {
         "shape (1, 99, 32)"),
     "carried-state-missing-cell": (
         lambda c: c["train_state"]["carried_state"][0].pop(), "is not 2 tensor(s)"),
-    "rng-too-short": (lambda c: c["train_state"]["rng"][0].update(torch=torch.zeros(8, dtype=torch.uint8)),
-                      "shape (8,)"),
+    "rng-too-short": (lambda c: c["train_state"]["rng"][0].update(
+        torch=torch.zeros(8, dtype=torch.uint8)), "shape (8,)"),
     "rng-float": (lambda c: c["train_state"]["rng"][0].update(torch=torch.zeros(5056)),
                   "dtype torch.float32"),
     "rng-broadcast": (lambda c: c["train_state"]["rng"][0].update(
@@ -175,14 +175,6 @@ def test_crafted_config_in_a_checkpoint_is_refused_before_building(case, tiny_ru
         start = time.perf_counter()
         clean_error(run_cli(*args), needle)
         assert time.perf_counter() - start < 10, args
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory, tiny_run) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hostile-exports")
-    pt = root / "model.pt"
-    pt.write_bytes((tiny_run / "best.pt").read_bytes())
-    return {fmt: export.export_checkpoint(pt, fmt).path for fmt in ("safetensors", "onnx")}
 
 
 def _metadata(path: Path) -> dict[str, str]:
