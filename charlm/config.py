@@ -138,7 +138,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an int beyond any float: out of every range anyway
+            ok = False
     else:
         ok = isinstance(value, str)
     if not ok:
