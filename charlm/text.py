@@ -83,9 +83,11 @@ def _with_byte_order(codec: str, head: bytes) -> str:
     the byte order from where the zero bytes of ASCII characters fall (little-endian if
     unsure, as Windows writes it)."""
     width = {"utf-16": 2, "utf-32": 4}.get(codec)
-    if width is None or head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
-                                        if width == 4 else (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    boms = {2: (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE),
+            4: (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)}
+    if width is None or head.startswith(boms[width]):
         return codec
+    head = head[:4096]  # a few thousand characters tell
     units = head[: len(head) - len(head) % width]
     big = sum(units[i] == 0 for i in range(0, len(units), width))
     little = sum(units[i + width - 1] == 0 for i in range(0, len(units), width))
