@@ -36,11 +36,6 @@ def _literal(text: object) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
 
 
-def _command(*words: object) -> str:
-    """A command line the user can paste: each word quoted for the shell where needed."""
-    return " ".join(shlex.quote(str(w)) for w in words)
-
-
 def _error(message: str) -> None:
     # One line whatever the message quotes (a file name or --set value with a newline in it).
     err.print(Text.assemble(("error: ", "bold red"), _literal(message)), soft_wrap=True)
@@ -184,7 +179,7 @@ def train(
         launcher = "charlm" if dist.world == 1 else "torchrun --nproc_per_node=N -m charlm"
         err.print(
             f"interrupted at step {result.step}; saved {_literal(result.run_dir / 'last.pt')}. "
-            f"Resume with: {launcher} train --resume {_literal(_command(result.run_dir))}",
+            f"Resume with: {launcher} train --resume {_literal(shlex.quote(str(result.run_dir)))}",
             soft_wrap=True,  # one line, so the command can be copied whole
         )
         raise typer.Exit(EXIT_INTERRUPTED)
