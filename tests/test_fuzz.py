@@ -68,7 +68,8 @@ TRAIN_OPTIONS = {
     "--eval-every": values(1, 2), "--seed": values(0, 7), "--cell": st.sampled_from(
         ["rnn", "lstm", "gru", "LSTM", "transformer", ""]),
     "--patience": values(0, 1), "--keep-last": values(0, 1), "--max-epochs": values(0, 0.5),
-    "--encoding": st.sampled_from(["utf-8", "latin-1", "utf-16", "ascii", "klingon", ""]),
+    "--encoding": st.sampled_from(["utf-8", "latin-1", "utf-16", "utf-32-be", "ascii", "klingon",
+                                   "", "rot13", "base64", "zlib", "utf-8\x00"]),
     "--precision": st.sampled_from(["auto", "fp32", "bf16", "fp16", "fp8"]),
     "--device": st.sampled_from(["cpu", "auto", "cuda", "cuda:9", "tpu", ""]),
 }
