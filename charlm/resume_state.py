@@ -52,8 +52,11 @@ def _number(value: Any, what: str, kind: type = int, low: float = 0, inf_ok: boo
         ok = ok or isinstance(value, float)
     if not ok:
         raise _bad(f"{what} is {type(value).__name__}, expected {kind.__name__}")
-    finite = math.isfinite(value) or (inf_ok and value == math.inf)
-    if not finite or value < low or value > MAX_COUNT:
+    if isinstance(value, int) or math.isfinite(value):  # ints may be beyond any float
+        ok = low <= value <= MAX_COUNT
+    else:  # no evaluation yet: the best loss is still inf
+        ok = inf_ok and value == math.inf
+    if not ok:
         raise _bad(f"{what} is out of range: {value!r}")
     return kind(value)
 

@@ -10,6 +10,7 @@ of these corrupted the heap, and a crash must fail the test, not the test run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -78,6 +79,9 @@ OPTIMIZER_CRAFTS = {
         torch=torch.get_rng_state()[:1].expand(5056)), "Invalid mt19937 state"),
     "batcher-negative": (lambda c: c["train_state"]["batcher"].update(index=-5), "out of range"),
     "step-count-string": (lambda c: c["train_state"].update(step="40"), "step is str"),
+    "step-count-huge": (lambda c: c["train_state"].update(step=10**400), "out of range"),
+    "no-evaluation-yet": (lambda c: c["train_state"].update(best_val_loss=math.inf), None),
+    "best-loss-nan": (lambda c: c["train_state"].update(best_val_loss=math.nan), "out of range"),
 }
 
 
