@@ -40,8 +40,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode, opener=lambda name, flags: open_no_follow(
-                Path(name), flags | os.O_EXCL, fresh=True)) as f:
+        with open_fresh(tmp, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -86,6 +85,13 @@ def open_no_follow(path: Path, flags: int, fresh: bool = False) -> int:
     except OSError:
         refuse_symlink(path)
         raise
+
+
+def open_fresh(path: Path, mode: str):
+    """``open(path, mode)`` for a new file of our own naming: whatever is at ``path`` (a
+    stale temporary file, a planted link) is removed, never followed."""
+    return open(path, mode, opener=lambda name, flags: open_no_follow(
+        Path(name), flags | os.O_EXCL, fresh=True))
 
 
 def refuse_symlink(path: Path) -> None:

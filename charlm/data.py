@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charlm.checkpoint import atomic_write_text
+from charlm.checkpoint import atomic_write_text, open_fresh
 from charlm.errors import CharlmError, DataError
 from charlm.text import Source, changed, iter_text, resolve_source
 from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype
@@ -154,7 +154,7 @@ def _cache_buffer(bin_path: Path, total: int, dtype: np.dtype) -> tuple[np.ndarr
     tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
     try:
         bin_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with open_fresh(tmp, "wb") as f:
             # Reserve the blocks: on a full disk this fails here, and the ids are kept in
             # memory, instead of SIGBUS when a page of a sparse memory map is written.
             if hasattr(os, "posix_fallocate"):
