@@ -8,7 +8,6 @@ renamed over the target, so a crash at any moment leaves the previous file intac
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import pickle
@@ -24,6 +23,7 @@ import torch
 from charlm import __version__
 from charlm.config import SHAPE_FIELDS, Config, validate
 from charlm.errors import CharlmError, CheckpointError
+from charlm.files import open_fresh
 from charlm.model import CharRNN, build_model, parameter_shapes
 from charlm.vocab import Vocab
 
@@ -67,41 +67,6 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         pass
 
 
-# Files in run, cache and output directories are created and appended to without following
-# a symbolic link: a planted link must not make charlm truncate or write another file.
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-def open_no_follow(path: Path, flags: int, fresh: bool = False) -> int:
-    """``os.open(path, flags)`` that refuses a symbolic link at ``path`` (one-line
-    CharlmError); ``fresh`` first removes whatever is there (our own temporary name)."""
-    if fresh:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-    try:
-        return os.open(path, flags | O_NOFOLLOW, 0o644)
-    except OSError:
-        refuse_symlink(path)
-        raise
-
-
-def open_fresh(path: Path, mode: str):
-    """``open(path, mode)`` for a new file of our own naming: whatever is at ``path`` (a
-    stale temporary file, a planted link) is removed, never followed."""
-    return open(path, mode, opener=lambda name, flags: open_no_follow(
-        Path(name), flags | os.O_EXCL, fresh=True))
-
-
-def refuse_symlink(path: Path) -> None:
-    if path.is_symlink():
-        raise CharlmError(
-            f"{path} is a symbolic link; charlm never writes through one there (remove it "
-            "and run again)"
-        )
-
-
 def _os_error(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc``, if any. On a full disk torch.save's cleanup raises a
     RuntimeError ("unexpected pos") while the write's OSError is being handled."""
@@ -111,28 +76,6 @@ def _os_error(exc: BaseException) -> OSError | None:
             return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Remove the temporary files of ``path`` (``.NAME.PID.tmp``, as atomic_write names
-    them) whose process is gone: a write that was killed half-way."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, ValueError, OverflowError):  # not ours to signal, or no such pid form
-        return True
-    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

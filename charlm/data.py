@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charlm.checkpoint import atomic_write_text, open_fresh
+from charlm.checkpoint import atomic_write_text
 from charlm.errors import CharlmError, DataError
+from charlm.files import open_fresh
 from charlm.text import Source, changed, iter_text, resolve_source
 from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype
 

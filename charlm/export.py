@@ -28,6 +28,7 @@ from torch import nn
 from charlm import __version__, checkpoint, onnx_runtime
 from charlm.errors import CharlmError, CheckpointError
 from charlm.extras import require
+from charlm.files import remove_stale_temporaries
 from charlm.model import CharRNN, state_from_tensors, state_tensors
 from charlm.vocab import Vocab
 
@@ -324,6 +325,6 @@ def export_checkpoint(
         f.flush()
         worst.append(verify(Path(f.name), ckpt, model))
 
-    checkpoint.remove_stale_temporaries(out)  # left by an export that was killed
+    remove_stale_temporaries(out)  # left by an export that was killed
     checkpoint.atomic_write(out, write_and_verify)
     return ExportResult(out, fmt, out.stat().st_size, model.cfg.cell, worst[0], VERIFY_BATCHES)

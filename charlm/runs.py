@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from charlm.checkpoint import atomic_write_text, open_no_follow, refuse_symlink
+from charlm.checkpoint import atomic_write_text
 from charlm.errors import CharlmError
+from charlm.files import open_no_follow, refuse_symlink
 
 RUNS_DIR = Path("runs")
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
