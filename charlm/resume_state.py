@@ -13,6 +13,7 @@ Shapes: L layers, B streams per process, H hidden.
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import torch
@@ -108,9 +109,13 @@ def _rng(state: Any, what: str) -> dict[str, Any]:
     if not isinstance(state, dict) or not isinstance(state.get("python"), list | tuple):
         raise _bad(f"{what} is not a random state")
     python = state["python"]
-    if len(python) != 3 or not isinstance(python[1], list | tuple):
+    ours = random.getstate()  # (3, 625 ints below 2**32, the last an index <= 624, gauss)
+    ok = (len(python) == 3 and python[0] == ours[0] and isinstance(python[1], list | tuple)
+          and len(python[1]) == len(ours[1]) and (python[2] is None or isinstance(python[2], float))
+          and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
+                  for v in python[1]))
+    if not ok:
         raise _bad(f"{what} has no valid Python random state")
-    # random.setstate checks the version and every item of the state vector itself.
     checked = {"python": [python[0], list(python[1]), python[2]]}
     size = torch.get_rng_state().numel()
     checked["torch"] = _copy(state.get("torch"), (size,), torch.uint8, f"{what} (torch)")

@@ -77,6 +77,10 @@ OPTIMIZER_CRAFTS = {
                   "dtype torch.float32"),
     "rng-broadcast": (lambda c: c["train_state"]["rng"][0].update(
         torch=torch.get_rng_state()[:1].expand(5056)), "Invalid mt19937 state"),
+    "python-rng-huge": (lambda c: c["train_state"]["rng"][0]["python"][1].__setitem__(0, 2**80),
+                        "no valid Python random state"),
+    "python-rng-short": (lambda c: c["train_state"]["rng"][0]["python"].__setitem__(1, [1, 2]),
+                         "no valid Python random state"),
     "batcher-negative": (lambda c: c["train_state"]["batcher"].update(index=-5), "out of range"),
     "step-count-string": (lambda c: c["train_state"].update(step="40"), "step is str"),
     "step-count-huge": (lambda c: c["train_state"].update(step=10**400), "out of range"),
