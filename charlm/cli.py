@@ -5,7 +5,10 @@ Over 300 lines: one short section per command, and typer's options read best one
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from charlm.cells import CHOICES_TEXT as CELL_CHOICES
-from charlm.errors import CharlmError, internal_error
+from charlm.errors import CharlmError, internal_error, printable
 
 app = typer.Typer(
     help="Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export.",
@@ -26,14 +29,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# No markup: file names, run names and messages are printed literally ("[v2] exp" stays so).
+out = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
+
+
+_literal = printable  # every user-supplied string is printed through it
 
 
 def _error(message: str) -> None:
     # One line whatever the message quotes (a file name or --set value with a newline in it).
-    message = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
-    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    err.print(Text.assemble(("error: ", "bold red"), _literal(message)), soft_wrap=True)
 
 
 def _chars(chars, most: int = 20) -> str:
@@ -43,11 +49,11 @@ def _chars(chars, most: int = 20) -> str:
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=_literal(title), show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)
     table.add_column(no_wrap=True)
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(_literal(key), _literal(value))
     return table
 
 
@@ -61,7 +67,7 @@ def _print_table(console: Console, table: Table) -> None:
     natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
     width = max(natural, cell_len(str(table.title or "")))
     if width > console.width:
-        console = Console(file=console.file, width=width, highlight=False,
+        console = Console(file=console.file, width=width, highlight=False, markup=False,
                           color_system=console.color_system, force_terminal=console.is_terminal)
     console.print(table)
 
@@ -171,6 +177,7 @@ def train(
     from charlm.config import Config, load_toml, validate
     from charlm.corpus import default_corpus
     from charlm.distributed import from_env
+    from charlm.runs import check_resume_out
     from charlm.train import EXIT_INTERRUPTED
     from charlm.train import train as run_training
 
@@ -196,13 +203,14 @@ def train(
                 raise CharlmError(f"{ckpt_path} has no training state to resume (exported weights?)")
             cfg = checkpoint.config_of(resume_ckpt)
             out_dir = out_dir or ckpt_path.parent
+            check_resume_out(ckpt_path, out_dir)
             if file is None:
                 source = resume_ckpt.get("train_file")
                 recorded = source.get("path") if isinstance(source, dict) else None
                 if not recorded or not Path(recorded).exists():
                     raise CharlmError(
                         f"the run's training file {recorded or '(not recorded)'} is not there; "
-                        f"name it: charlm train FILE --resume {resume}"
+                        f"name it: charlm train FILE --resume {shlex.quote(str(resume))}"
                     )
                 file = Path(recorded)
         else:
@@ -226,7 +234,7 @@ def train(
         if file is None:
             file = default_corpus()
             if dist.rank == 0:
-                err.print(f"training on tiny Shakespeare: {file}")
+                err.print(f"training on tiny Shakespeare: {_literal(file)}")
         if stop_at_step < 0:
             raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
         if grow_vocab:
@@ -253,8 +261,8 @@ def train(
     if result.stopped == "interrupted":
         launcher = "charlm" if dist.world == 1 else "torchrun --nproc_per_node=N -m charlm"
         err.print(
-            f"interrupted at step {result.step}; saved {result.run_dir / 'last.pt'}. "
-            f"Resume with: {launcher} train --resume {result.run_dir}",
+            f"interrupted at step {result.step}; saved {_literal(result.run_dir / 'last.pt')}. "
+            f"Resume with: {launcher} train --resume {_literal(shlex.quote(str(result.run_dir)))}",
             soft_wrap=True,  # one line, so the command can be copied whole
         )
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -359,7 +367,7 @@ def sample(
         from charlm.runs import latest_checkpoint
 
         checkpoint_path = latest_checkpoint()
-        err.print(f"using {checkpoint_path}", style="dim")
+        err.print(f"using {_literal(checkpoint_path)}", style="dim")
     lm = load(checkpoint_path, device)  # what the Python API's charlm.load() gives
     model, vocab = lm.network, lm.vocab
     check_stops(vocab, stops)
@@ -491,7 +499,9 @@ def info(
     """Describe a checkpoint."""
     from charlm import checkpoint
 
-    d = checkpoint.describe(checkpoint.read(checkpoint_path))
+    ckpt = checkpoint.read(checkpoint_path)
+    checkpoint.check_weights(ckpt)  # so the numbers below describe real weights
+    d = checkpoint.describe(ckpt)
     if as_json:
         _print_json({"checkpoint": str(checkpoint_path), **d})
         return
@@ -555,7 +565,7 @@ def plot(
 
     r = plot_runs(run_dirs, output, width=width, height=height)
     runs_text = "1 run" if r.runs == 1 else f"{r.runs} runs"
-    out.print(f"wrote {r.path} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
+    out.print(f"wrote {_literal(r.path)} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
 
 
 def _duration(seconds: float) -> str:
@@ -583,11 +593,11 @@ def runs(
         _print_json({"directory": str(directory), "runs": [r.to_dict() for r in found]})
         return
     if not found:
-        out.print(f"no runs in {directory} yet; start one with: charlm train")
+        out.print(f"no runs in {_literal(directory)} yet; start one with: charlm train")
         return
     # A light box, and no padding on narrow terminals; no cell ever wraps: a table wider than
     # the terminal is printed whole (see _print_table).
-    table = Table(title=f"runs in {directory}, best validation loss first", title_justify="left",
+    table = Table(title=f"runs in {_literal(directory)}, best validation loss first", title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   padding=(0, 1) if out.width >= 100 else (0, 0))
     for name in ("run", "cell", "size", "steps", "val loss", "bits/char", "chars/s", "time", "date"):
@@ -596,7 +606,7 @@ def runs(
     for r in found:
         size = "?" if r.hidden_size is None else f"{r.hidden_size}x{r.num_layers or '?'}"
         table.add_row(
-            r.name, r.cell or "?", size, f"{r.steps:,}",
+            _literal(r.name), _literal(r.cell or "?"), size, f"{r.steps:,}",
             "-" if r.best_val_loss is None else f"{r.best_val_loss:.4f}",
             "-" if r.best_val_bpc is None else f"{r.best_val_bpc:.4f}",
             "-" if r.chars_per_sec is None else f"{r.chars_per_sec:,.0f}",
@@ -642,6 +652,11 @@ def bench(
 
 
 # ---------------------------------------------------------------------------------- entry
+# How torch's CPU and CUDA allocators word a failed allocation.
+_ALLOCATOR = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: library errors become one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
@@ -675,13 +690,21 @@ def main(argv: list[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
-    except MemoryError:
-        _error("out of memory; use a smaller model or batch")
-        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if type(exc).__name__ == "OutOfMemoryError":  # torch's, for CUDA (torch not imported here)
             _error("out of GPU memory; lower --num-samples (sample), or use a smaller model, "
                    "--batch-size or --seq-len")
+            sys.exit(1)
+        if isinstance(exc, MemoryError) or _ALLOCATOR.search(str(exc)):
+            tried = re.search(r"allocate (\d+) bytes", str(exc))
+            size = f" (an allocation of {int(tried.group(1)) / 2**30:,.1f} GiB failed)" if tried else ""
+            _error(f"out of memory{size}; use a smaller model or batch")
+            sys.exit(1)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            # Files the library writes report their own errors: this is stdout (/dev/full, a
+            # full disk under a redirect). Point it at /dev/null so the flush at exit is quiet.
+            _error(f"cannot write the output: {exc.strerror}")
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         if os.environ.get("CHARLM_DEBUG"):
             raise
