@@ -6,14 +6,11 @@ one clean ``error:`` line."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +21,10 @@ from test_hardening import TINY, clean_error, digest
 
 import charlm.data
 import charlm.train
-from charlm import checkpoint, corpus, onnx_runtime
+from charlm import checkpoint, onnx_runtime
 from charlm.data import cache_dir, load_corpus
 from charlm.device import cpu_count, set_threads
-from charlm.errors import CharlmError, DataError
+from charlm.errors import DataError
 from charlm.sample import pick
 from charlm.text import resolve_source
 
