@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from charlm.errors import CharlmError
+from charlm.files import open_fresh
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -21,13 +22,16 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode) as f:
+        with open_fresh(tmp, mode) as f:  # never through a link planted at that name
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses even to unlink what is not there
+            pass
         os_error = _os_error(exc)
         if os_error is not None:
             raise CharlmError(

@@ -8,6 +8,7 @@ leaves the previous file intact.
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import warnings
@@ -19,9 +20,9 @@ import torch
 
 from charlm import __version__
 from charlm.atomic import atomic_write, atomic_write_text  # noqa: F401 - re-exported
-from charlm.config import SHAPE_FIELDS, Config
+from charlm.config import SHAPE_FIELDS, Config, validate
 from charlm.errors import CharlmError, CheckpointError, first_line
-from charlm.model import CharRNN, build_model
+from charlm.model import CharRNN, build_model, parameter_shapes
 from charlm.units import bits
 from charlm.vocab import Vocab
 
@@ -64,7 +65,16 @@ def _verify_archive(path: Path) -> None:
     silently damaged weights."""
     try:
         with zipfile.ZipFile(path) as archive:
+            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                # torch.save never compresses; a compressed part can unpack to gigabytes.
+                raise CheckpointError(
+                    f"{path} is not a checkpoint torch wrote: its part {packed[0]!r} is "
+                    "compressed; refused"
+                )
             bad = archive.testzip()
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes is damage
         # A seek to a bogus offset fails with EINVAL, which names nothing useful.
         why = "its index points outside the file" if isinstance(exc, OSError) else _detail(exc)
@@ -128,22 +138,60 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def config_of(ckpt: dict[str, Any]) -> Config:
+    """The checkpoint's config, checked like a config from the command line (types, ranges,
+    choices) before anything is built from it."""
+    data = ckpt.get("config")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint config is invalid: a {type(data).__name__}, not a table")
     try:
-        return Config.from_dict(ckpt["config"], source="checkpoint config")
+        return validate(Config.from_dict(data, source="checkpoint config"))
     except CharlmError as exc:
         raise CheckpointError(f"checkpoint config is invalid: {exc}") from None
 
 
 def vocab_of(ckpt: dict[str, Any]) -> Vocab:
     try:
-        return Vocab(tuple(ckpt["vocab"]))
+        vocab = Vocab(tuple(ckpt["vocab"]))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint vocabulary is invalid: {exc}") from None
+    if not len(vocab):
+        raise CheckpointError("checkpoint vocabulary is invalid: it is empty")
+    return vocab
+
+
+def check_weights(ckpt: dict[str, Any]) -> None:
+    """Refuse weights that do not match the checkpoint's own config and vocabulary (names,
+    shapes, floating dtype), before a model of that config is allocated: a crafted config
+    could otherwise ask for gigabytes in a file of a few kilobytes."""
+    cfg = config_of(ckpt)
+    want = parameter_shapes(len(vocab_of(ckpt)), cfg.model)
+    weights = ckpt.get("model")
+    if not isinstance(weights, dict):
+        raise CheckpointError("checkpoint weights are missing")
+    problems = [f"no {name}" for name in want if name not in weights]
+    problems += [f"unexpected {name}" for name in weights if name not in want]
+    for name, shape in want.items():
+        t = weights.get(name)
+        if name in weights and not isinstance(t, torch.Tensor):
+            problems.append(f"{name} is not a tensor")
+        elif name in weights and tuple(t.shape) != shape:
+            problems.append(f"{name} is {tuple(t.shape)}, the config needs {shape}")
+        elif name in weights and not t.dtype.is_floating_point:
+            problems.append(f"{name} has dtype {t.dtype}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        m = cfg.model
+        raise CheckpointError(
+            f"checkpoint weights do not fit its config ({m.cell}, embed_size {m.embed_size}, "
+            f"hidden_size {m.hidden_size}, num_layers {m.num_layers}, {len(ckpt['vocab'])} "
+            f"characters): {'; '.join(str(p) for p in problems[:3])}{more}"
+        )
 
 
 def model_of(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> CharRNN:
     """Rebuild the model of a checkpoint with its weights, in eval mode."""
     cfg = config_of(ckpt)
+    check_weights(ckpt)
     model = build_model(len(ckpt["vocab"]), cfg.model)
     try:
         model.load_state_dict(ckpt["model"])
@@ -232,6 +280,29 @@ def growth_of(ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
         return []
     return [g for g in growth if isinstance(g, dict) and isinstance(g.get("base_size"), int)
             and isinstance(g.get("added"), str)]
+
+
+def recorded(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records about its training, for display: each value of the type
+    it should have, or a neutral default (a crafted or foreign file may hold anything)."""
+    ts, source = ckpt.get("train_state"), ckpt.get("train_file")
+    ts = ts if isinstance(ts, dict) else {}
+    source = source if isinstance(source, dict) else {}
+
+    def value(table: dict, key: str, kind: type, default: Any) -> Any:
+        v = table.get(key, default)
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        return v if isinstance(v, kind) and not isinstance(v, bool) else default
+
+    return {
+        "step": value(ts, "step", int, 0), "epoch": value(ts, "epoch", float, 0.0),
+        "best_val_loss": value(ts, "best_val_loss", float, math.nan),
+        "elapsed": value(ts, "elapsed", float, 0.0), "file": value(source, "name", str, "?"),
+        "file_size": value(source, "size", int, 0), "sha256": value(source, "sha256", str, "?"),
+        "charlm_version": str(ckpt.get("charlm_version")),
+        "torch_version": str(ckpt.get("torch_version")),
+    }
 
 
 def shape_differences(old: Config, new: Config) -> list[str]:

@@ -5,7 +5,10 @@ Over 300 lines: one short section per command, and typer's options read best one
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from charlm.cells import CHOICES_TEXT as CELL_CHOICES
-from charlm.errors import CharlmError, internal_error
+from charlm.errors import CharlmError, internal_error, printable
 
 app = typer.Typer(
     help="Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export.",
@@ -27,14 +30,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# No markup: file names, run names and messages are printed literally ("[v2] exp" stays so).
+out = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
+
+
+_literal = printable  # every user-supplied string is printed through it
 
 
 def _error(message: str) -> None:
     # One line whatever the message quotes (a file name or --set value with a newline in it).
-    message = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
-    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    err.print(Text.assemble(("error: ", "bold red"), _literal(message)), soft_wrap=True)
 
 
 def _chars(chars, most: int = 20) -> str:
@@ -44,11 +50,11 @@ def _chars(chars, most: int = 20) -> str:
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=_literal(title), show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)
     table.add_column(no_wrap=True)
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(_literal(key), _literal(value))
     return table
 
 
@@ -62,7 +68,7 @@ def _print_table(console: Console, table: Table) -> None:
     natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
     width = max(natural, cell_len(str(table.title or "")))
     if width > console.width:
-        console = Console(file=console.file, width=width, highlight=False,
+        console = Console(file=console.file, width=width, highlight=False, markup=False,
                           color_system=console.color_system, force_terminal=console.is_terminal)
     console.print(table)
 
@@ -207,6 +213,7 @@ def train(
     from charlm.config import Config, load_toml, validate
     from charlm.corpus import default_corpus
     from charlm.distributed import from_env
+    from charlm.runs import check_resume_out
     from charlm.train import EXIT_INTERRUPTED
     from charlm.train import train as run_training
 
@@ -232,13 +239,14 @@ def train(
                 raise CharlmError(f"{ckpt_path} has no training state to resume (exported weights?)")
             cfg = checkpoint.config_of(resume_ckpt)
             out_dir = out_dir or ckpt_path.parent
+            check_resume_out(ckpt_path, out_dir)
             if file is None:
                 source = resume_ckpt.get("train_file")
                 recorded = source.get("path") if isinstance(source, dict) else None
                 if not recorded or not Path(recorded).exists():
                     raise CharlmError(
                         f"the run's training file {recorded or '(not recorded)'} is not there; "
-                        f"name it: charlm train FILE --resume {resume}"
+                        f"name it: charlm train FILE --resume {shlex.quote(str(resume))}"
                     )
                 file = Path(recorded)
         else:
@@ -263,7 +271,7 @@ def train(
         if file is None:
             file = default_corpus()
             if dist.rank == 0:
-                err.print(f"training on tiny Shakespeare: {file}")
+                err.print(f"training on tiny Shakespeare: {_literal(file)}")
         if stop_at_step < 0:
             raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
         if dry_run:
@@ -301,8 +309,8 @@ def train(
         launcher = "charlm" if dist.world == 1 else "torchrun --nproc_per_node=N -m charlm"
         what = "interrupted" if result.stopped == "interrupted" else "paused (--stop-at-step)"
         err.print(
-            f"{what} at step {result.step}; saved {result.run_dir / 'last.pt'}. "
-            f"Resume with: {launcher} train --resume {result.run_dir}",
+            f"{what} at step {result.step}; saved {_literal(result.run_dir / 'last.pt')}. "
+            f"Resume with: {launcher} train --resume {_literal(shlex.quote(str(result.run_dir)))}",
             soft_wrap=True,  # one line, so the command can be copied whole
         )
     if result.stopped == "interrupted":
@@ -415,7 +423,7 @@ def sample(
         from charlm.runs import latest_checkpoint
 
         checkpoint_path = latest_checkpoint()
-        err.print(f"using {checkpoint_path}", style="dim")
+        err.print(f"using {_literal(checkpoint_path)}", style="dim")
     else:
         checkpoint_path = _checkpoint(checkpoint_path)
     lm = load(checkpoint_path, device)  # what the Python API's charlm.load() gives
@@ -588,7 +596,9 @@ def info(
     from charlm import checkpoint
 
     checkpoint_path = _checkpoint(checkpoint_path)
-    d = checkpoint.describe(checkpoint.read(checkpoint_path))
+    ckpt = checkpoint.read(checkpoint_path)
+    checkpoint.check_weights(ckpt)  # so the numbers below describe real weights
+    d = checkpoint.describe(ckpt)
     if as_json:
         _print_json({"checkpoint": str(checkpoint_path), **d})
         return
@@ -654,7 +664,7 @@ def plot(
     for why in r.skipped:
         err.print(Text(f"warning: skipped {why}"), soft_wrap=True)
     runs_text = "1 run" if r.runs == 1 else f"{r.runs} runs"
-    out.print(f"wrote {r.path} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
+    out.print(f"wrote {_literal(r.path)} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
 
 
 def _duration(seconds: float) -> str:
@@ -683,12 +693,12 @@ def runs(
         _print_json({"directory": str(directory), "runs": [r.to_dict() for r in found]})
         return
     if not found:
-        out.print(f"no runs on {text} in {directory}" if text is not None
-                  else f"no runs in {directory} yet; start one with: charlm train", markup=False)
+        out.print(f"no runs on {_literal(text)} in {_literal(directory)}" if text is not None
+                  else f"no runs in {_literal(directory)} yet; start one with: charlm train")
         return
     # A light box, and no padding on narrow terminals; no cell ever wraps: a table wider than
     # the terminal is printed whole (see _print_table).
-    table = Table(title=f"runs in {directory} by training text, best validation loss first",
+    table = Table(title=f"runs in {_literal(directory)} by training text, best validation loss first",
                   title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   padding=(0, 1) if out.width >= 100 else (0, 0))
@@ -700,8 +710,8 @@ def runs(
         size = "?" if r.hidden_size is None else f"{r.hidden_size}x{r.num_layers or '?'}"
         same_text = i > 0 and found[i - 1].text == r.text
         table.add_row(
-            "" if same_text else escape(r.text or "?"), r.name, r.cell or "?", size,
-            f"{r.steps:,}",
+            "" if same_text else _literal(r.text or "?"), _literal(r.name),
+            _literal(r.cell or "?"), size, f"{r.steps:,}",
             "-" if r.best_val_loss is None else f"{r.best_val_loss:.4f}",
             "-" if r.best_val_bpc is None else f"{r.best_val_bpc:.4f}",
             "-" if r.chars_per_sec is None else f"{r.chars_per_sec:,.0f}",
@@ -768,6 +778,11 @@ def _flags_as_flags(command) -> None:
         _flags_as_flags(sub)
 
 
+# How torch's CPU and CUDA allocators word a failed allocation.
+_ALLOCATOR = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: library errors become one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
@@ -802,13 +817,21 @@ def main(argv: list[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
-    except MemoryError:
-        _error("out of memory; use a smaller model or batch")
-        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if type(exc).__name__ == "OutOfMemoryError":  # torch's, for CUDA (torch not imported here)
             _error("out of GPU memory; lower --num-samples (sample), or use a smaller model, "
                    "--batch-size or --seq-len")
+            sys.exit(1)
+        if isinstance(exc, MemoryError) or _ALLOCATOR.search(str(exc)):
+            tried = re.search(r"allocate (\d+) bytes", str(exc))
+            size = f" (an allocation of {int(tried.group(1)) / 2**30:,.1f} GiB failed)" if tried else ""
+            _error(f"out of memory{size}; use a smaller model or batch")
+            sys.exit(1)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            # Files the library writes report their own errors: this is stdout (/dev/full, a
+            # full disk under a redirect). Point it at /dev/null so the flush at exit is quiet.
+            _error(f"cannot write the output: {exc.strerror}")
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         if os.environ.get("CHARLM_DEBUG"):
             raise

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from charlm.cells import NAMES as CELLS
-from charlm.errors import ConfigError
+from charlm.errors import ConfigError, DataError
+from charlm.text import check_encoding
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -143,7 +144,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an int beyond any float: out of every range anyway
+            ok = False
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -230,7 +234,8 @@ def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
     path = Path(path)
     cfg = cfg or Config()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: Windows editors start UTF-8 files with a byte-order mark.
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -276,6 +281,11 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> Config:
             if problem is not None:
                 origin = (sources or {}).get(key)
                 raise ConfigError(f"{origin}: {problem}" if origin else problem)
+    try:  # text encodings only (not rot13, base64, zlib, ...)
+        check_encoding(cfg.data.encoding)
+    except DataError as exc:
+        origin = (sources or {}).get("data.encoding")
+        raise ConfigError(f"{origin + ': ' if origin else ''}data.encoding: {exc}") from None
     return cfg
 
 

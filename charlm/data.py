@@ -18,7 +18,8 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ import torch
 
 from charlm.atomic import atomic_write_text
 from charlm.errors import CharlmError, DataError
-from charlm.text import Source, read_text, resolve_source
+from charlm.files import open_fresh
+from charlm.text import Source, changed, read_text, resolve_source
 from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype
 
 
@@ -61,7 +63,8 @@ class Corpus:
     source: Source
     unknown: int  # characters dropped because they are not in the vocabulary
     crlf: bool  # the file has Windows (CRLF) or old Mac (CR) line endings
-    newline: str = "normalize"  # what was done with them: "normalize" to \n, or "keep"
+    notes: list[str] = field(default_factory=list)  # e.g. the cache could not be used
+    newline: str = "normalize"  # what was done with the line endings: read as \n, or "keep"
 
 
 def _scan(source: Source, encoding: str, errors: str,
@@ -127,10 +130,28 @@ def _cache_paths(source: Source, vocab: Vocab, encoding: str, errors: str,
     return stem.with_suffix(".bin"), stem.with_suffix(".json")
 
 
-def _load_cached(bin_path: Path, meta_path: Path) -> tuple[np.ndarray, dict] | None:
+def _checksum(ids: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(ids)).cast("B"))
+
+
+def _load_cached(bin_path: Path, meta_path: Path, source: Source, dtype: np.dtype,
+                 total: int) -> tuple[np.ndarray, dict] | None:
+    """The cached ids, or None when anything about them is off (a miss, never an error):
+    the metadata must name this text, dtype and length, and the ids file must have that
+    size and the checksum written with it."""
     try:
         meta = json.loads(meta_path.read_text())
-        ids = np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["length"],))
+        length, unknown = meta["length"], meta["unknown"]
+        ok = (meta["dtype"] == dtype.name and meta["source"]["sha256"] == source.sha256
+              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                      for v in (length, unknown, meta["crc32"]))
+              and length + unknown == total and length > 0
+              and os.stat(bin_path).st_size == length * dtype.itemsize)
+        if not ok:
+            return None
+        ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(length,))
+        if _checksum(ids) != meta["crc32"]:
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return ids, meta
@@ -154,9 +175,41 @@ def _encode_to(out: np.ndarray, source, vocab, encoding, errors, drop_unknown,
                 )
             unknown += int(bad.sum())
             ids = ids[~bad]
+        if n + len(ids) > len(out):  # more characters than the scan counted
+            raise changed(source)
         out[n : n + len(ids)] = ids
         n += len(ids)
     return n, unknown
+
+
+def _cache_buffer(bin_path: Path, total: int, dtype: np.dtype) -> tuple[np.ndarray, Path]:
+    """A memory map of a fresh temporary file next to ``bin_path`` for ``total`` ids."""
+    tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
+    try:
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        with open_fresh(tmp, "wb") as f:
+            # Reserve the blocks: on a full disk this fails here, and the ids are kept in
+            # memory, instead of SIGBUS when a page of a sparse memory map is written.
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, max(total, 1) * dtype.itemsize)
+            else:
+                f.truncate(max(total, 1) * dtype.itemsize)
+        return np.memmap(tmp, dtype=dtype, mode="r+", shape=(max(total, 1),)), tmp
+    except OSError:
+        _remove(tmp)
+        raise
+
+
+def _cache_note(exc: OSError) -> str:
+    return (f"the ids cache {cache_dir()} cannot be written ({exc.strerror or exc}); "
+            "encoded the text in memory instead")
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # the cache directory is not a directory, or not ours to change
+        pass
 
 
 def load_corpus(
@@ -173,7 +226,8 @@ def load_corpus(
     With ``vocab=None`` the vocabulary is built from the text; otherwise characters outside
     ``vocab`` are an error, or dropped and counted when ``drop_unknown``. ``newline``:
     "normalize" reads CRLF and CR line endings as ``\n`` (as Python's text mode does),
-    "keep" keeps them as characters.
+    "keep" keeps them as characters. The cache is best effort: when it cannot be written
+    the ids are kept in memory and ``notes`` says so.
     """
     source = resolve_source(path)
     present, total, crlf = _scan_cached(source, encoding, errors, use_cache, newline)
@@ -181,28 +235,20 @@ def load_corpus(
         raise DataError(f"{source.name} is empty or only whitespace; nothing to train on")
     if vocab is None:
         vocab = Vocab.from_code_points(present)
+    dtype = id_dtype(len(vocab))
     bin_path, meta_path = _cache_paths(source, vocab, encoding, errors, newline)
-    cached = _load_cached(bin_path, meta_path) if use_cache else None
+    cached = _load_cached(bin_path, meta_path, source, dtype, total) if use_cache else None
     if cached is not None and (drop_unknown or cached[1]["unknown"] == 0):
         ids, meta = cached
-        return Corpus(ids, vocab, source, meta["unknown"], crlf, newline)
+        return Corpus(ids, vocab, source, meta["unknown"], crlf, newline=newline)
 
-    dtype = id_dtype(len(vocab))
-    tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
+    notes = []
     if use_cache:
         try:
-            bin_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                # Reserve the blocks: on a full disk this fails here, and the ids are kept in
-                # memory, instead of SIGBUS when a page of a sparse memory map is written.
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(f.fileno(), 0, max(total, 1) * dtype.itemsize)
-                else:
-                    f.truncate(max(total, 1) * dtype.itemsize)
-            out = np.memmap(tmp, dtype=dtype, mode="r+", shape=(max(total, 1),))
-        except OSError:
-            tmp.unlink(missing_ok=True)
+            out, tmp = _cache_buffer(bin_path, total, dtype)
+        except OSError as exc:
             use_cache = False
+            notes.append(_cache_note(exc))
     if not use_cache:
         out = np.empty(total, dtype=dtype)
     try:
@@ -212,18 +258,26 @@ def load_corpus(
     except BaseException:
         if use_cache:
             del out
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
         raise
     if not use_cache:
-        return Corpus(out[:n], vocab, source, unknown, crlf, newline)
+        return Corpus(out[:n], vocab, source, unknown, crlf, notes, newline)
+    crc = _checksum(out[:n])
     out.flush()
     del out
-    os.truncate(tmp, n * dtype.itemsize)
-    os.replace(tmp, bin_path)
+    try:
+        os.truncate(tmp, n * dtype.itemsize)
+        os.replace(tmp, bin_path)
+    except OSError as exc:
+        _remove(tmp)
+        corpus = load_corpus(path, vocab, encoding, errors, drop_unknown, use_cache=False,
+                             newline=newline)
+        corpus.notes.append(_cache_note(exc))
+        return corpus
     _write_cache_file(meta_path, {"dtype": dtype.name, "length": n, "unknown": unknown,
-                                  "source": source.describe()})
+                                  "crc32": crc, "source": source.describe()})
     ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
-    return Corpus(ids, vocab, source, unknown, crlf, newline)
+    return Corpus(ids, vocab, source, unknown, crlf, newline=newline)
 
 
 def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -299,7 +353,9 @@ class Batcher:
 
     def _start_epoch(self) -> None:
         n, T, S = len(self.ids), self.seq_len, self.streams
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # Reduced into the generator's range, so every seed up to 2**63 - 1 works (and the
+        # smaller ones keep the epochs they always had).
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         slack = n - 1 - S * T  # >= 0, checked in __init__
         # Offsets T and 0 are the same phase of the windows: draw from [0, T).
         self.offset = int(torch.randint(0, min(T - 1, slack) + 1, (1,), generator=g))

@@ -148,7 +148,8 @@ def cpu_count() -> int:
 
 
 def set_threads(threads: int = 0) -> int:
-    """Use ``threads`` CPU threads for torch (0: every CPU this process may run on)."""
-    n = threads or cpu_count()
+    """Use ``threads`` CPU threads for torch (0: every CPU this process may run on); never
+    more than those CPUs, as extra threads only wait for each other."""
+    n = min(threads, cpu_count()) if threads else cpu_count()
     torch.set_num_threads(n)
     return n

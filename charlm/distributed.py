@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import os
 import re
 from datetime import timedelta
@@ -39,6 +40,7 @@ from charlm.errors import CharlmError, ConfigError, first_line, internal_error
 # Seconds a collective may wait for a stalled process before every other one gives up.
 # Rank 0 writes checkpoints and samples while the others wait, so keep it well above that.
 DEFAULT_TIMEOUT = 300.0
+MAX_TIMEOUT = 7 * 86400.0
 
 # How gloo, NCCL and the c10d store word a lost or stalled peer.
 _LOST = re.compile(
@@ -313,8 +315,11 @@ class DDPDist(Dist):
 def from_env(timeout: float | None = None) -> Dist:
     """A :class:`DDPDist` when launched by torchrun with several processes, else a
     plain :class:`Dist`. ``timeout`` (seconds) bounds every wait for another process."""
-    if timeout is not None and timeout <= 0:
-        raise ConfigError(f"--dist-timeout must be > 0 seconds; got {timeout:g}")
+    if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        message = f"--dist-timeout must be in (0, {MAX_TIMEOUT:g}] seconds; got {timeout:g}"
+        if os.environ.get("RANK", "0").strip() not in ("", "0"):
+            raise AlreadyReported(message, ConfigError.exit_code)  # rank 0 prints it, once
+        raise ConfigError(message)
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     if not all(name in os.environ for name in names):
         return Dist()

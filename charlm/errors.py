@@ -21,6 +21,12 @@ class CheckpointError(CharlmError):
     """A checkpoint is missing, damaged, unsafe or does not fit the request."""
 
 
+def printable(text: object) -> str:
+    """``text`` on one line, with control characters (terminal escapes, newlines) and
+    undecodable bytes of file names shown as escapes instead of acting on a terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to one short line (its type's name when it has none), for
     quoting a library's error inside one of ours."""

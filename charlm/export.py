@@ -29,6 +29,7 @@ from charlm import __version__, checkpoint, onnx_runtime
 from charlm.cells import state_names
 from charlm.errors import CharlmError, first_line
 from charlm.extras import require
+from charlm.files import remove_stale_temporaries
 from charlm.model import CharRNN, state_from_tensors, state_tensors
 from charlm.safetensors_io import SAFETENSORS_FORMAT, SAFETENSORS_VERSION, read_safetensors
 from charlm.vocab import Vocab
@@ -271,5 +272,6 @@ def export_checkpoint(
         f.flush()
         worst.append(verify(Path(f.name), ckpt, model))
 
+    remove_stale_temporaries(out)  # left by an export that was killed
     checkpoint.atomic_write(out, write_and_verify)
     return ExportResult(out, fmt, out.stat().st_size, model.cfg.cell, worst[0], VERIFY_BATCHES)

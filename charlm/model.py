@@ -124,6 +124,21 @@ class CharRNN(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def parameter_shapes(vocab_size: int, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every weight of ``CharRNN(vocab_size, cfg)``, without building
+    it: what a checkpoint's tensors must match before a model is allocated for them."""
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.cell]  # gates per layer
+    V, E, H = vocab_size, cfg.embed_size, cfg.hidden_size
+    shapes = {"embed.weight": (V, E)}
+    for k in range(cfg.num_layers):
+        shapes[f"rnn.weight_ih_l{k}"] = (G * H, E if k == 0 else H)
+        shapes[f"rnn.weight_hh_l{k}"] = (G * H, H)
+        shapes[f"rnn.bias_ih_l{k}"] = (G * H,)
+        shapes[f"rnn.bias_hh_l{k}"] = (G * H,)
+    shapes.update({"head.weight": (V, H), "head.bias": (V,)})
+    return shapes
+
+
 def build_model(vocab_size: int, cfg: ModelConfig) -> CharRNN:
     return CharRNN(vocab_size, cfg)
 

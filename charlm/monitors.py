@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from charlm.errors import printable
 from charlm.runs import MetricsLog
 
 Record = dict[str, Any]
@@ -54,13 +55,14 @@ class Header:
         per = f" x {self.world} processes" if self.world > 1 else ""
         start = f"resuming at step {self.start_step:,}" if self.resumed else "starting"
         return [
-            f"text: {self.file} ({self.chars:,} characters, vocabulary {self.vocab_size:,})",
+            f"text: {printable(self.file)} ({self.chars:,} characters, vocabulary "
+            f"{self.vocab_size:,})",
             f"model: {self.model}, {self.parameters:,} parameters",
             f"device: {self.device} ({self.precision}); batch {self.batch_size}{per} x window "
             f"{self.seq_len}",
             f"limits: {self.limits}",
-            f"run: {self.run_dir} ({start})",
-            *(f"note: {note}" for note in self.notes),
+            f"run: {printable(self.run_dir)} ({start})",
+            *(f"note: {printable(note)}" for note in self.notes),
         ]
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from charlm.cells import state_names
-from charlm.config import Config
+from charlm.config import Config, validate
 from charlm.decoding import BEAM_NEEDS_TORCH, StopScan, start_ids
 from charlm.errors import CharlmError, CheckpointError, first_line
 from charlm.extras import require
@@ -66,42 +66,73 @@ def read_metadata(path: Path, meta: dict[str, str], fmt: str, newest: int,
     if meta.get("format") != fmt:
         raise CheckpointError(f"{path} is not a charlm {kind} export (no charlm metadata)")
     version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) > newest:
+    if not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= newest:
         raise CheckpointError(
-            f"{path} has {kind} export format {version!r}, newer than this charlm reads "
-            f"({newest}); upgrade charlm (pip install -U charlm)"
+            f"{path} has {kind} export format {version[:20]!r}; this charlm reads formats 1 to "
+            f"{newest} (a newer one needs a newer charlm: pip install -U charlm)"
         )
     try:
         config = json.loads(meta["config"])
         vocab = Vocab.from_json(meta["vocab"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path} has invalid charlm metadata: {exc}") from None
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:160]
+        raise CheckpointError(f"{path} has invalid charlm metadata: {why}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} has invalid charlm metadata: its config is not a table")
+    if not len(vocab):
+        raise CheckpointError(f"{path} has invalid charlm metadata: an empty vocabulary")
     return int(version), config, vocab
 
 
+def _check_signature(path: Path, session: Any, config: Config, vocab: Vocab) -> None:
+    """The inputs and outputs, in order, with the shapes the config and vocabulary give:
+    the state arrays are allocated from the config, and ids are read from the logits."""
+    m = config.model
+    state = [m.num_layers, "B", m.hidden_size]
+    names = state_names(m.cell)
+    want_in = {"ids": ["B", 1], **{n: state for n in names}}
+    want_out = {"logits": ["B", len(vocab)], **{f"{n}_out": state for n in names}}
+    for what, args, want in (("inputs", session.get_inputs(), want_in),
+                             ("outputs", session.get_outputs(), want_out)):
+        found = [a.name for a in args]
+        if found != list(want):
+            raise CheckpointError(f"{path} has {what} {found}; a charlm export has {list(want)}")
+        for arg in args:
+            shape = list(arg.shape)
+            ok = len(shape) == len(want[arg.name]) and all(
+                w == "B" or g == w for g, w in zip(shape, want[arg.name], strict=False))
+            if not ok:
+                raise CheckpointError(
+                    f"{path}: its {arg.name} has shape {shape}, which does not fit its config "
+                    f"and vocabulary ({want[arg.name]})"
+                )
+
+
 def load(path: str | Path) -> OnnxModel:
-    """Open a charlm ONNX export with onnxruntime and check its metadata and inputs."""
+    """Open a charlm ONNX export with onnxruntime and check its metadata, inputs and
+    outputs against its config before anything is allocated from it."""
     ort = require("onnxruntime", "export", "running an ONNX model")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"ONNX model not found: {path}")
+    try:  # read by Python, so that any file name the OS allows works
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: onnxruntime warns about unused initializers
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     # onnxruntime raises its own exception classes (InvalidProtobuf, Fail, ...) for bad files.
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{path} is damaged or not an ONNX model ({first_line(exc)})") from None
     meta = session.get_modelmeta().custom_metadata_map
     _, config_dict, vocab = read_metadata(path, meta, FORMAT, FORMAT_VERSION, "ONNX")
     try:
-        config = Config.from_dict(config_dict, source="ONNX metadata config")
+        config = validate(Config.from_dict(config_dict, source="ONNX metadata config"))
     except (TypeError, CharlmError) as exc:
         raise CheckpointError(f"{path} has invalid charlm metadata: {exc}") from None
-    expected = ["ids", *state_names(config.model.cell)]
-    found = [i.name for i in session.get_inputs()]
-    if found != expected:
-        raise CheckpointError(f"{path} has inputs {found}; a charlm export has {expected}")
+    _check_signature(path, session, config, vocab)
     return OnnxModel(session, vocab, config, path)
 
 
@@ -124,7 +155,10 @@ def pick(
     argmax = logits.argmax(axis=-1).astype(np.int64)
     if greedy.all():
         return argmax
-    z = logits.astype(np.float64) / np.where(greedy, 1.0, temps)[:, None]  # (B, V)
+    z = logits.astype(np.float64)
+    # The largest logit moved to 0 first: a tiny temperature is greedy decoding, not NaN.
+    with np.errstate(over="ignore"):  # overflow to -inf is the point
+        z = (z - z.max(axis=-1, keepdims=True)) / np.where(greedy, 1.0, temps)[:, None]  # (B, V)
     V = z.shape[-1]
     if 0 < top_k < V:
         kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]  # (B, 1)
@@ -134,6 +168,7 @@ def pick(
         p_sorted = _softmax(np.take_along_axis(z, order, axis=-1))
         # Drop a character when the ones before it already reach top_p (keeps at least one).
         drop_sorted = (np.cumsum(p_sorted, axis=-1) - p_sorted) >= top_p
+        drop_sorted[:, 0] = False  # the most likely always stays, however small top_p is
         drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         z = np.where(drop, -np.inf, z)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import shlex
 import tomllib
 import zipfile
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from filelock import FileLock, Timeout
 
 from charlm.atomic import atomic_write_text
 from charlm.errors import CharlmError
+from charlm.files import open_no_follow, refuse_symlink
 from charlm.units import bits
 
 RUNS_DIR = Path("runs")
@@ -49,7 +51,7 @@ def open_run_dir(path: Path, resuming: bool) -> Path:
         raise CharlmError(f"--out {path} exists and is not a directory")
     if not resuming and any((path / name).exists() for name in CHECKPOINT_NAMES):
         raise CharlmError(
-            f"{path} already holds a run; continue it with --resume {path}, "
+            f"{path} already holds a run; continue it with --resume {shlex.quote(str(path))}, "
             "or choose another --out"
         )
     try:
@@ -57,6 +59,20 @@ def open_run_dir(path: Path, resuming: bool) -> Path:
     except OSError as exc:
         raise CharlmError(f"cannot create run directory {path}: {exc.strerror}") from None
     return path
+
+
+def check_resume_out(checkpoint_path: Path, out_dir: Path) -> None:
+    """``--resume A --out B``: B must be A's own directory, or hold no run, since resuming
+    replaces its checkpoints, config and metrics."""
+    home = checkpoint_path.resolve().parent
+    if out_dir.resolve() == home or not is_run_dir(out_dir):
+        return
+    raise CharlmError(
+        f"--out {out_dir} holds another run, which resuming {checkpoint_path} would overwrite; "
+        f"to continue it elsewhere pass a new or empty directory, as in --out "
+        f"{shlex.quote(str(out_dir.parent / (home.name + '-continued')))}, or leave out --out "
+        f"to continue in {home}"
+    )
 
 
 class RunLock:
@@ -69,6 +85,7 @@ class RunLock:
         self.path = run_dir / ".lock"
         self.lock = FileLock(self.path, timeout=0)
         try:
+            refuse_symlink(self.path)  # filelock would open (and truncate) its target
             self.lock.acquire()
         except Timeout:
             raise CharlmError(
@@ -108,12 +125,17 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_through_step: int | None = None):
         self.path = path
+        refuse_symlink(path)  # before its lines are read and rewritten
         if keep_through_step is not None and path.exists():
             # Lines written after the checkpoint we resume from describe steps that will be
             # trained again: drop them so the file reads as one uninterrupted run.
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_through_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.file = open(path, "a", encoding="utf-8")
+        try:
+            self.file = open(path, "a", encoding="utf-8",
+                             opener=lambda name, flags: open_no_follow(Path(name), flags))
+        except OSError as exc:
+            raise CharlmError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def write(self, record: dict[str, Any]) -> None:
         try:

@@ -7,6 +7,7 @@ reverse). The optional ``safetensors`` package is imported where it is used.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +19,45 @@ SAFETENSORS_FORMAT = "charlm-safetensors"
 SAFETENSORS_VERSION = 1
 
 
+def _metadata(path: Path, data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file: an 8-byte little-endian header length,
+    then a JSON header (read here, so the file name never goes to the Rust library)."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        if not 0 < n <= len(data) - 8:
+            raise ValueError("no valid header")
+        header = json.loads(data[8 : 8 + n])
+        meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("its metadata is not a table of strings")
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc)
+        raise CheckpointError(f"{path} is damaged or not a safetensors file ({why})") from None
+    return meta
+
+
 def read_safetensors(path: str | Path) -> dict[str, Any]:
     """A charlm .safetensors file as a checkpoint-shaped dict (config, vocab, model), which
     :func:`charlm.checkpoint.model_of` and ``vocab_of`` read like a .pt checkpoint."""
     safetensors = require("safetensors", "export", "reading a .safetensors file")
-    require("safetensors.torch", "export", "reading a .safetensors file")
+    st = require("safetensors.torch", "export", "reading a .safetensors file")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"safetensors file not found: {path}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{path} is damaged or not a safetensors file ({first_line(exc)})"
-        ) from None
+    try:  # read by Python, so that any file name the OS allows works
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    meta = _metadata(path, data)
     version, config, vocab = onnx_runtime.read_metadata(
         path, meta, SAFETENSORS_FORMAT, SAFETENSORS_VERSION, "safetensors"
     )
+    try:
+        tensors = st.load(data)
+    except (safetensors.SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is damaged or not a safetensors file ({first_line(exc)})"
+        ) from None
     return {
         "format": SAFETENSORS_FORMAT,
         "format_version": version,

@@ -14,6 +14,22 @@ from charlm.model import CharRNN, State
 from charlm.stepping import make_step, own
 from charlm.vocab import Vocab
 
+# Below this temperature the logits are scaled in float64 with the largest moved to 0 first.
+SMALL_TEMPERATURE = 0.01
+
+
+def scaled(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """``logits / temperature``. A tiny temperature is scaled in float64 with the largest
+    logit moved to 0 first, so every other logit goes to -inf (greedy decoding) instead of
+    overflowing to inf - inf = NaN; otherwise float32 is exact enough, and a step on a GPU
+    launches three kernels fewer."""
+    small = temperature < SMALL_TEMPERATURE
+    if bool(small.any()) if isinstance(small, torch.Tensor) else small:
+        z = logits.double()
+        return (z - z.max(dim=-1, keepdim=True).values) / temperature
+    return logits.float() / temperature if not (isinstance(temperature, float | int)
+                                                 and temperature == 1) else logits.float()
+
 
 def pick(
     logits: torch.Tensor, temperature: float | torch.Tensor, top_k: int, top_p: float,
@@ -26,13 +42,13 @@ def pick(
     if not isinstance(temperature, torch.Tensor):
         if temperature == 0:
             return logits.argmax(dim=-1)
-        logits = logits.float() / temperature if temperature != 1 else logits.float()
+        logits = scaled(logits, temperature)
     else:
         greedy = temperature == 0  # (B,)
         if greedy.all():
             return logits.argmax(dim=-1)
         argmax = logits.argmax(dim=-1)
-        logits = logits.float() / temperature.masked_fill(greedy, 1.0).unsqueeze(-1)
+        logits = scaled(logits, temperature.masked_fill(greedy, 1.0).unsqueeze(-1))
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -41,6 +57,7 @@ def pick(
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a character when the ones before it already reach top_p (keeps at least one).
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False  # the most likely always stays, however small top_p is
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from charlm import checkpoint
+from charlm import checkpoint, resume_state
 from charlm.config import Config
 from charlm.data import Batcher
 from charlm.distributed import Dist, restack_rows
@@ -124,16 +124,26 @@ def restore_scaler(saved: Any, scaler: torch.amp.GradScaler | None) -> None:
 
 
 def _restore(resume, ts, batcher, optimizer, cfg, dist, device) -> list[str]:
-    saved = resume["train_state"]
-    optimizer.load_state_dict(resume["optimizer"])
+    old_cfg = checkpoint.config_of(resume)
+    # Every tensor checked against this run and copied: a crafted one (a broadcast view, a
+    # wrong size) would otherwise let the fused optimizer step write past its buffers.
+    saved = resume_state.train_state(resume["train_state"], old_cfg.model,
+                                     old_cfg.train.batch_size)
+    optimizer.load_state_dict(resume_state.optimizer_state(resume["optimizer"], optimizer))
     ts.step, ts.elapsed, ts.chars_seen = saved["step"], saved["elapsed"], saved["chars_seen"]
     ts.best_val_loss, ts.evals_since_best = saved["best_val_loss"], saved["evals_since_best"]
     ts.loss_sum += saved["loss_sum"]
     ts.loss_count = saved["loss_count"]
-    old_tc = checkpoint.config_of(resume).train
+    old_tc = old_cfg.train
     B, T = cfg.train.batch_size, cfg.train.seq_len
     old = (old_tc.batch_size, old_tc.seq_len, saved.get("world", 1))
     notes = []
+    if old_cfg.data.val_fraction != cfg.data.val_fraction:
+        notes.append(
+            f"data.val_fraction changed ({old_cfg.data.val_fraction:g} -> "
+            f"{cfg.data.val_fraction:g}): validation losses from before the resume, and "
+            "best.pt's, were measured on another split"
+        )
     if old == (B, T, dist.world):
         batcher.load_state_dict(saved["batcher"])
         if saved["carried_state"] is not None:

@@ -64,21 +64,59 @@ def resolve_source(path: str | Path) -> Source:
     return Source(paths, size, digest.hexdigest())
 
 
+def check_encoding(name: str) -> str:
+    """The codec name of ``name`` when it is a text encoding (bytes to str); raises DataError
+    for unknown names and for codecs such as rot13, base64 or zlib, which are not."""
+    try:
+        info = codecs.lookup(name)
+    except (LookupError, ValueError, TypeError):  # ValueError: a NUL in the name
+        raise DataError(f"unknown text encoding: {name!r}; use one like utf-8, latin-1 or "
+                        "utf-16") from None
+    if not getattr(info, "_is_text_encoding", True):
+        raise DataError(f"{name!r} is not a text encoding (it does not turn bytes into text); "
+                        "use one like utf-8, latin-1 or utf-16")
+    return info.name
+
+
+def _with_byte_order(codec: str, head: bytes) -> str:
+    """UTF-16/32 without a byte-order mark: Python's incremental decoder refuses it, so pick
+    the byte order from where the zero bytes of ASCII characters fall (little-endian if
+    unsure, as Windows writes it)."""
+    width = {"utf-16": 2, "utf-32": 4}.get(codec)
+    boms = {2: (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE),
+            4: (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)}
+    if width is None or head.startswith(boms[width]):
+        return codec
+    head = head[:4096]  # a few thousand characters tell
+    units = head[: len(head) - len(head) % width]
+    big = sum(units[i] == 0 for i in range(0, len(units), width))
+    little = sum(units[i + width - 1] == 0 for i in range(0, len(units), width))
+    return f"{codec}-{'be' if big > little else 'le'}"
+
+
+def changed(source: Source) -> DataError:
+    return DataError(
+        f"{source.name} changed while it was being read (is something still writing it?); "
+        "run again once it is complete"
+    )
+
+
 def iter_text(
     source: Source, encoding: str = "utf-8", errors: str = "strict", chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[str]:
     """Decoded text of ``source`` in chunks, with a leading byte-order mark removed.
 
     Raises DataError for NUL bytes (binary data) and for undecodable bytes when
-    ``errors == "strict"``, naming the file and byte offset.
+    ``errors == "strict"``, naming the file and byte offset; and when the bytes read are not
+    the ones :func:`resolve_source` hashed (the file changed meanwhile), so that what is built
+    from the text always belongs to its SHA-256.
     """
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise DataError(f"unknown text encoding: {encoding!r}") from None
+    codec = check_encoding(encoding)
+    wide = codec.startswith(("utf-16", "utf-32"))
     handler = "replace" if errors == "replace" else "strict"
+    digest, size = hashlib.sha256(), 0
     for path in source.paths:
-        decoder = codecs.getincrementaldecoder(encoding)(handler)
+        decoder = None
         offset = chars = replaced = 0
         first = True
         try:
@@ -88,8 +126,14 @@ def iter_text(
         with f:
             while True:
                 block = f.read(chunk_bytes)
+                digest.update(block)
+                size += len(block)
+                if size > source.size:  # still growing: stop now, not at its end
+                    raise changed(source)
                 final = not block
-                if b"\x00" in block and "16" not in encoding and "32" not in encoding:
+                if decoder is None:
+                    decoder = codecs.getincrementaldecoder(_with_byte_order(codec, block))(handler)
+                if b"\x00" in block and not wide:
                     at = offset + block.index(b"\x00")
                     raise DataError(
                         f"{path} looks like binary data (NUL byte at offset {at}); charlm "
@@ -106,6 +150,11 @@ def iter_text(
                         f"at offset {at}; use --encoding, or --set data.errors=replace "
                         "to replace bad bytes"
                     ) from None
+                except ValueError as exc:  # UnicodeError and the like, without an offset
+                    raise DataError(
+                        f"{path} cannot be decoded as {encoding} ({exc}); use --encoding, or "
+                        "--set data.errors=replace to replace bad bytes"
+                    ) from None
                 offset += len(block)
                 chars += len(text)
                 replaced += text.count("\ufffd")
@@ -118,6 +167,8 @@ def iter_text(
                     yield text
                 if final:
                     break
+    if size != source.size or digest.hexdigest() != source.sha256:
+        raise changed(source)
 
 
 NEWLINES = ("normalize", "keep")
@@ -149,11 +200,14 @@ def read_text(source: Source, encoding: str = "utf-8", errors: str = "strict",
 
 def _replaced_share(path: Path, encoding: str, chunk_bytes: int) -> float:
     """The share of the characters of ``path`` that cannot be decoded."""
-    decoder = codecs.getincrementaldecoder(encoding)("replace")
+    decoder = None
     chars = replaced = 0
     with open(path, "rb") as f:
         while True:
             block = f.read(chunk_bytes)
+            if decoder is None:
+                codec = _with_byte_order(check_encoding(encoding), block)
+                decoder = codecs.getincrementaldecoder(codec)("replace")
             text = decoder.decode(block, not block)
             chars += len(text)
             replaced += text.count("\ufffd")

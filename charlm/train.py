@@ -174,7 +174,9 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
 
     base = resume or init_from
     if base is not None:
-        diffs = checkpoint.shape_differences(checkpoint.config_of(base), cfg)
+        old = checkpoint.config_of(base)
+        checkpoint.check_weights(base)  # before anything is allocated for them
+        diffs = checkpoint.shape_differences(old, cfg)
         if diffs:
             raise CheckpointError("the checkpoint's model has a different shape: " + "; ".join(diffs))
     corpus = load_corpus(
@@ -190,7 +192,7 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
                 f"({trained_on.get('name')}, different content); pass --allow-other-data "
                 "to resume on it anyway"
             )
-    notes = []
+    notes = list(corpus.notes)
     if corpus.unknown:
         notes.append(f"dropped {corpus.unknown:,} characters outside the vocabulary")
     if corpus.crlf and cfg.data.newline == "keep":

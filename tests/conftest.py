@@ -160,6 +160,17 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 
 
 @pytest.fixture(scope="session")
+def exports(tmp_path_factory, tiny_run) -> dict[str, Path]:
+    """The tiny run's best.pt exported as safetensors and ONNX (verified; seconds, once)."""
+    from charlm import export
+
+    root = tmp_path_factory.mktemp("tiny-exports")
+    pt = root / "model.pt"
+    pt.write_bytes((tiny_run / "best.pt").read_bytes())
+    return {fmt: export.export_checkpoint(pt, fmt).path for fmt in ("safetensors", "onnx")}
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A run directory trained with configs/tiny.toml by the real command (shared, read-only)."""
     root = tmp_path_factory.mktemp("tiny-run")

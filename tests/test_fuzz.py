@@ -10,10 +10,15 @@ succeeds is as quick as one that fails.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
-from conftest import SAMPLE_TEXT, assert_clean_error, run_charlm
+import torch
+from conftest import SAMPLE_TEXT, TINY_CONFIG, assert_clean_error, run_charlm, run_cli
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
@@ -63,7 +68,8 @@ TRAIN_OPTIONS = {
     "--eval-every": values(1, 2), "--seed": values(0, 7), "--cell": st.sampled_from(
         ["rnn", "lstm", "gru", "LSTM", "transformer", ""]),
     "--patience": values(0, 1), "--keep-last": values(0, 1), "--max-epochs": values(0, 0.5),
-    "--encoding": st.sampled_from(["utf-8", "latin-1", "utf-16", "ascii", "klingon", ""]),
+    "--encoding": st.sampled_from(["utf-8", "latin-1", "utf-16", "utf-32-be", "ascii", "klingon",
+                                   "", "rot13", "base64", "zlib"]),
     "--precision": st.sampled_from(["auto", "fp32", "bf16", "fp16", "fp8"]),
     "--device": st.sampled_from(["cpu", "auto", "cuda", "cuda:9", "tpu", ""]),
 }
@@ -151,3 +157,126 @@ def test_fuzz_sample(tiny_run, options, seed, drop):
     check(proc)
     if proc.returncode == 0:
         assert proc.stdout  # at least the newline
+
+
+# ----------------------------------------------------------------- crafted files (issue #15)
+# Optimizer-state entries of every kind: right or wrong shapes, dtypes, broadcast and
+# transposed views, odd steps. Resuming must train on a fresh copy or refuse in one line;
+# before the checks some of these corrupted the heap, so they run in a separate process.
+MOMENT_SHAPES = st.sampled_from([(128, 32), (32, 128), (128,), (1,), (0,), (128, 32, 1), ()])
+MOMENT_DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int64,
+                                 torch.uint8, torch.bool, torch.complex64])
+
+
+@st.composite
+def moments(draw):
+    shape = draw(MOMENT_SHAPES)
+    kind = draw(st.sampled_from(["dense", "broadcast", "transposed", "strided", "list"]))
+    dtype = draw(MOMENT_DTYPES)
+    if kind == "list":
+        return [0.0] * 4
+    if kind == "broadcast" and shape:
+        return torch.zeros(1, dtype=dtype).expand(*shape)
+    if kind == "transposed" and len(shape) == 2:
+        return torch.zeros(shape[::-1], dtype=dtype).t()
+    if kind == "strided" and shape:
+        return torch.zeros(shape[0] * 2, *shape[1:], dtype=dtype)[::2]
+    return torch.zeros(shape, dtype=dtype)
+
+
+STEPS = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(torch.tensor),
+                  st.integers(-5, 2**70).map(lambda i: i if i < 2**63 else float(i)),
+                  st.just(torch.zeros(3)), st.just("40"), st.none())
+
+
+@st.composite
+def optimizer_crafts(draw):
+    index = draw(st.integers(0, 6))
+    key = draw(st.sampled_from(["exp_avg", "exp_avg_sq", "step"]))
+    value = draw(STEPS) if key == "step" else draw(moments())
+    shown = (value.shape, value.dtype, value.stride()) if isinstance(value, torch.Tensor) else value
+    note(f"state[{index}][{key!r}] = {shown}")
+    return lambda c: c["optimizer"]["state"][index].__setitem__(key, value)
+
+
+@settings(max_examples=2, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(crafts=st.lists(optimizer_crafts(), min_size=6, max_size=6))
+def test_fuzz_crafted_optimizer_states(tiny_run, crafts):
+    from test_hostile_files import resume_crafted
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for code, stderr in resume_crafted(tiny_run, Path(tmp), crafts):
+            check(subprocess.CompletedProcess([], code, "", stderr))
+
+
+# Configs inside each file format: any key of any section set to values of any type.
+CONFIG_VALUES = st.one_of(st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8),
+                          st.none(), st.booleans(), st.lists(st.integers(), max_size=2),
+                          st.sampled_from([0, 1, 64, 65, 12_000, 100_000, -1, 5, 0.5]))
+CONFIG_EDITS = st.lists(st.tuples(st.sampled_from(["model", "data", "train", "bogus"]),
+                                  st.sampled_from(["cell", "embed_size", "hidden_size",
+                                                   "num_layers", "dropout", "encoding",
+                                                   "seed", "bogus"]),
+                                  CONFIG_VALUES), min_size=1, max_size=3)
+
+
+def _edited(config: dict, edits) -> dict:
+    config = json.loads(json.dumps(config))
+    for section, key, value in edits:
+        config.setdefault(section, {})[key] = value
+    return config
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(edits=CONFIG_EDITS, fmt=st.sampled_from(["pt", "safetensors", "onnx"]))
+def test_fuzz_configs_inside_files(tiny_run, exports, edits, fmt):
+    from test_hostile_files import _metadata, _rewrite
+
+    note(f"{fmt}: {edits}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"crafted.{fmt}"
+        if fmt == "pt":
+            ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+            ckpt["config"] = _edited(ckpt["config"], edits)
+            torch.save(ckpt, path)
+        else:
+            meta = _metadata(exports[fmt])
+            config = _edited(json.loads(meta["config"]), edits)
+            _rewrite(exports[fmt], path, {**meta, "config": json.dumps(config)})
+        for args in (("sample", "-c", path, "-n", "3"), ("info", path)):
+            if fmt == "onnx" and args[0] == "info":
+                continue
+            start = time.perf_counter()
+            check(run_cli(*args))
+            assert time.perf_counter() - start < 10, args
+
+
+# File names of every kind: markup, terminal escapes, newlines, undecodable bytes.
+NAME_PARTS = st.sampled_from(["[v2] ", "[/]", "[bold]", "\x1b[31m", "\x07", "\n", "\t", "'",
+                              '"', "$(x)", " ", "é", "一", os.fsdecode(b"\xff"), "-", "a"])
+NAMES = st.lists(NAME_PARTS, min_size=1, max_size=5).map("".join).filter(
+    lambda n: n.strip(" -") and n not in (".", ".."))
+
+
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(text_name=NAMES, run_name=NAMES)
+def test_fuzz_hostile_file_names(text_name, run_name):
+    note(f"text {text_name!r}, run {run_name!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / f"{text_name}.txt"  # a "/" in the name makes a folder
+        text.parent.mkdir(parents=True, exist_ok=True)
+        text.write_text(SAMPLE_TEXT)
+        run = Path(tmp) / "runs" / run_name
+        outputs = [run_cli("train", text, "--config", TINY_CONFIG, "--no-progress",
+                           "--no-samples", "--max-steps", "1", "--eval-every", "1",
+                           "--set", "train.threads=1", "--out", run)]
+        if outputs[0].returncode == 0:
+            outputs += [run_cli("info", run / "last.pt"), run_cli("runs", Path(tmp) / "runs"),
+                        run_cli("sample", "-c", run / "last.pt", "-n", "5")]
+        for proc in outputs:
+            check(proc)
+            shown = proc.stderr + (proc.stdout if proc.args[0] != "sample" else "")
+            assert not any(c in shown for c in "\x1b\x07"), shown

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT, TINY_CONFIG, charlm_exe, run_charlm, run_cli
 
 from charlm import checkpoint
 from charlm.config import load_toml
@@ -19,7 +20,6 @@ from charlm.evaluate import UNKNOWN_BITS
 from charlm.pacing import EVALS, LOGS, MAX_EVAL_SHARE, Pacer
 from charlm.runs import read_metrics
 from charlm.text import read_text, resolve_source
-from conftest import SAMPLE_TEXT, TINY_CONFIG, charlm_exe, run_charlm, run_cli
 
 TINY = ["--config", TINY_CONFIG, "--set", "train.threads=1"]
 

@@ -1,0 +1,67 @@
+"""Creating files safely in directories a user shares: run directories, the ids cache and
+export outputs. A symbolic link planted there is never followed for writing (a ``.lock`` or
+``metrics.jsonl`` link would otherwise truncate or append to another file), and temporary
+files left by a killed process are recognized by their name and removed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from charlm.errors import CharlmError
+
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_no_follow(path: Path, flags: int, fresh: bool = False) -> int:
+    """``os.open(path, flags)`` that refuses a symbolic link at ``path`` (one-line
+    CharlmError); ``fresh`` first removes whatever is there (our own temporary name)."""
+    if fresh:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        return os.open(path, flags | O_NOFOLLOW, 0o644)
+    except OSError:
+        refuse_symlink(path)
+        raise
+
+
+def open_fresh(path: Path, mode: str):
+    """``open(path, mode)`` for a new file of our own naming: whatever is at ``path`` (a
+    stale temporary file, a planted link) is removed, never followed."""
+    return open(path, mode, opener=lambda name, flags: open_no_follow(
+        Path(name), flags | os.O_EXCL, fresh=True))
+
+
+def refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise CharlmError(
+            f"{path} is a symbolic link; charlm never writes through one there (remove it "
+            "and run again)"
+        )
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of ``path`` (``.NAME.PID.tmp``, as atomic_write names
+    them) whose process is gone: a write that was killed half-way."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError, OverflowError):  # not ours to signal, or no such pid form
+        return True
+    return True
