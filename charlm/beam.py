@@ -25,7 +25,7 @@ import torch
 
 from charlm.decoding import start_ids
 from charlm.model import CharRNN, Stepper, select_state
-from charlm.sample import warm
+from charlm.stepping import warm
 from charlm.vocab import Vocab
 
 

@@ -4,6 +4,9 @@ A checkpoint is a dict of tensors and plain Python values only (no pickled modul
 classes), so ``torch.load(path, weights_only=True)`` reads it and a crafted file cannot run
 code. Every file is written atomically (:mod:`charlm.atomic`), so a crash at any moment
 leaves the previous file intact.
+
+Over 300 lines: reading a file, checking what it claims (config, vocabulary, weight shapes)
+and describing it are one concern, and the checks belong next to the reader.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 
 from charlm.decoding import StopScan, check_options, seed_ids, start_ids  # noqa: F401 - re-exported
 from charlm.model import CharRNN, State
-from charlm.stepping import make_step, own
+from charlm.stepping import make_step, own, warm  # noqa: F401 - warm re-exported
 from charlm.vocab import Vocab
 
 # Below this temperature the logits are scaled in float64 with the largest moved to 0 first.
@@ -63,16 +63,6 @@ def pick(
     probs = logits.softmax(dim=-1)
     picked = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return picked if not isinstance(temperature, torch.Tensor) else torch.where(greedy, argmax, picked)
-
-
-def warm(model: CharRNN, ids: list[int], state: State | None = None) -> tuple[torch.Tensor, State]:
-    """Run the seed ids through the model in one pass (from ``state``, or a zero state).
-    Returns the logits after the last id (1, V) and the state (batch 1). Only the last
-    position goes through the output layer, so a long seed costs no (T, V) logits."""
-    device = model.head.weight.device
-    x = model.embed(torch.tensor([ids], device=device))  # (1, T, E)
-    out, state = model.rnn(x, state)  # (1, T, H)
-    return model.head(out[:, -1]), state  # (1, V)
 
 
 def repeat_state(state: State, n: int) -> State:

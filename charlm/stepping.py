@@ -1,5 +1,6 @@
-"""One character per call for sampling: the :class:`~charlm.model.Stepper`, replayed from a
-CUDA graph on a GPU.
+"""The seed in one pass (:func:`warm`), then one character per call: the
+:class:`~charlm.model.Stepper`, replayed from a CUDA graph on a GPU. Shared by the sampler
+and beam search.
 
 A sampling step is about twenty small kernels (per layer: a matrix product and the gate
 math; then the head). On a GPU each launch costs more than its arithmetic, so eager stepping
@@ -14,6 +15,16 @@ from __future__ import annotations
 import torch
 
 from charlm.model import CharRNN, State, Stepper, state_tensors
+
+
+def warm(model: CharRNN, ids: list[int], state: State | None = None) -> tuple[torch.Tensor, State]:
+    """Run the seed ids through the model in one pass (from ``state``, or a zero state).
+    Returns the logits after the last id (1, V) and the state (batch 1). Only the last
+    position goes through the output layer, so a long seed costs no (T, V) logits."""
+    device = model.head.weight.device
+    x = model.embed(torch.tensor([ids], device=device))  # (1, T, E)
+    out, state = model.rnn(x, state)  # (1, T, H)
+    return model.head(out[:, -1]), state  # (1, V)
 
 
 class GraphStep:
