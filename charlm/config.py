@@ -3,6 +3,9 @@
 A run's config has three sections, ``model``, ``data`` and ``train``. Files in ``configs/``
 and ``--set section.key=value`` options only override fields that exist; an unknown key, a
 wrong type or a value out of range is a :class:`ConfigError` naming the valid choices.
+
+Over 300 lines: one concept, the fields with their defaults and ranges, and their reading
+from files and options, which read best side by side.
 """
 
 from __future__ import annotations
