@@ -275,7 +275,7 @@ def train(
         if stop_at_step < 0:
             raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
         if dry_run:
-            from charlm.train import dry_run as plan
+            from charlm.plan import dry_run as plan
 
             if dist.rank == 0:
                 r = plan(file, cfg, resume_ckpt or init_ckpt)

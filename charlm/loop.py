@@ -1,11 +1,15 @@
 """The training loop: :meth:`Loop.fit` reads top to bottom, and each thing it does is one
 method: the stopping rules (:meth:`Loop.stop_reason`), one optimizer step with the NaN guard
 (:meth:`Loop.train_step`), logging, evaluation, the checkpoint policy
-(:meth:`Loop.save_checkpoints`) and samples. Everything the user sees goes to monitors
+(:meth:`Loop.save_checkpoints`) and samples. When to log and evaluate, and the time a limit
+keeps for the end, is :mod:`charlm.pacing`. Everything the user sees goes to monitors
 (:mod:`charlm.monitors`); what a resume restores lives in :mod:`charlm.state`.
 
 Under torchrun every process runs this loop; the decisions that end it (limits, signals, a
 non-finite loss) are taken by all processes together, and only rank 0 reports and writes.
+
+Over 300 lines: the loop with the step, evaluation, checkpoint policy and samples it calls,
+each a short method, which read best in the order they run.
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ class Setup:
     vocab_growth: list[dict[str, Any]]  # --grow-vocab records, kept through fine-tuning
 
 
+def steps(first: int, last: int) -> str:
+    """A range of steps, as the summary names it: "step 7" or "steps 5-6"."""
+    return f"steps {first:,}-{last:,}" if first < last else f"step {last:,}"
+
+
 def weights_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -97,11 +106,7 @@ class Loop:
         tc = self.tc
         self.pacer = Pacer(tc.eval_every, tc.log_every, tc.max_steps, tc.max_time, tc.max_epochs,
                            run.batcher.steps_per_epoch, state.step, state.elapsed)
-        # This process's time evaluating (with checkpoints) and sampling, on the clock the
-        # processes agree on; the rest is training.
-        self.eval_seconds = self.sample_seconds = 0.0
-        self.evaluations = self.samples = 0
-        self.first_step, self.first_chars = state.step, state.chars_seen
+        self.first_chars = state.chars_seen
         self.train_from = ""  # the steps the last train record covers, e.g. "steps 951-1,000"
         self.log_from = state.step - state.loss_count
         self.due = Due(log=True, eval=False)  # what the pacer decided for the next step
@@ -144,14 +149,18 @@ class Loop:
                 self.sample(final=True)
             return stopped
 
-    def training_seconds(self) -> float:
-        """Seconds this process spent training (not evaluating, saving or sampling)."""
-        return max(self.elapsed() - self.state.elapsed - self.eval_seconds - self.sample_seconds,
-                   1e-9)
+    def recent_train(self) -> tuple[float, str]:
+        """The train loss a summary reports, and its steps: the last train record's or, when
+        stopped before the first, the mean of the steps so far (over all processes)."""
+        s = self.state
+        if not (s.loss_count and math.isnan(self.last_train)):
+            return self.last_train, self.train_from
+        loss = float(self.dist.mean(s.loss_sum / s.loss_count))
+        return loss, steps(s.step - s.loss_count + 1, s.step)
 
     def train_speed(self) -> float:
-        """Characters per second of training in this process."""
-        return (self.state.chars_seen - self.first_chars) / self.training_seconds()
+        """Characters per second of training in this process (evaluations not counted)."""
+        return (self.state.chars_seen - self.first_chars) / self.pacer.training_seconds(self.elapsed())
 
     def stop_reason(self, signals: StopSignals) -> str:
         """The stopping rules, checked before every step: why to stop, or "" to go on."""
@@ -161,7 +170,10 @@ class Loop:
         self.now = dist.agree(self.elapsed()) if tc.max_time else self.elapsed()
         if tc.max_steps and s.step >= tc.max_steps:
             return "max_steps"
-        if tc.max_time and self.now + self.reserve() >= tc.max_time:
+        # A time limit keeps time for the final evaluation, save and sample.
+        reserve = self.pacer.reserve(s.step, self.now, tc.batch_size * tc.seq_len * dist.world,
+                                     len(self.run.val_ids))
+        if tc.max_time and self.now + reserve >= tc.max_time:
             return "max_time"
         if tc.max_epochs and self.run.batcher.progress >= tc.max_epochs:
             return "max_epochs"
@@ -170,19 +182,6 @@ class Loop:
         if dist.any(signals.signum != 0):
             return "interrupted"
         return ""
-
-    def reserve(self) -> float:
-        """With a time limit: seconds to keep for the end of the run (one more step, the
-        final evaluation and save, the final sample), from what they took so far. The same
-        on every process: it is made of times on the agreed clock."""
-        steps = self.state.step - self.first_step
-        if not steps:
-            return 0.0
-        trained = self.now - self.state.elapsed - self.eval_seconds - self.sample_seconds
-        per_step = max(trained, 0.0) / steps
-        per_char = per_step / (self.tc.batch_size * self.tc.seq_len * self.dist.world)
-        return (per_step + self.pacer.final_eval_seconds(per_char, len(self.run.val_ids))
-                + self.sample_seconds / max(self.samples, 1))
 
     def train_step(self) -> str:
         """One optimizer step on the next batch; returns "ok", "skipped" or "nan". On an
@@ -244,9 +243,7 @@ class Loop:
         now = time.perf_counter()
         rate = (s.chars_seen - self.rate_chars) / max(now - self.rate_t, 1e-9)
         self.rate_t, self.rate_chars = now, s.chars_seen
-        first = self.log_from + 1
-        self.train_from = f"step {s.step:,}" if first >= s.step else f"steps {first:,}-{s.step:,}"
-        self.log_from = s.step
+        self.train_from, self.log_from = steps(self.log_from + 1, s.step), s.step
         s.loss_sum.zero_()
         s.loss_count = 0
         if self.main:
@@ -281,10 +278,7 @@ class Loop:
                 "best": improved, "elapsed": round(self.elapsed(), 3),
             })
         self.save_checkpoints(evaluated=True, improved=improved)
-        self.evaluations += 1
-        seconds = self.agreed_seconds(started)
-        self.eval_seconds += seconds
-        self.pacer.evaluated(s.step, self.elapsed(), seconds)
+        self.pacer.evaluated(s.step, self.elapsed(), self.agreed_seconds(started))
         # The speed of the next train record is of training alone.
         self.rate_t += time.perf_counter() - started
         return True
@@ -372,8 +366,7 @@ class Loop:
                             temperature=0.8, random_seed=tc.seed)[0]
             run.model.train()
             self.monitors.on_sample(step, self.last_val, run.sample_seed + text)
-        self.samples += 1
-        self.sample_seconds += self.agreed_seconds(started)
+        self.pacer.sampled(self.agreed_seconds(started))
         self.rate_t += time.perf_counter() - started
 
     def finish(self, stopped: str) -> str:

@@ -49,7 +49,12 @@ class Pacer:
         planned = [n for n in (max_steps, math.ceil(max_epochs * steps_per_epoch)) if n > 0]
         self.planned_steps = min(planned) if planned else 0
         self.last_now = now
-        self.eval_seconds: float | None = None  # the last evaluation's (with save and sample)
+        self.start_step, self.start_now = step, now
+        self.eval_seconds: float | None = None  # the last evaluation's, with its checkpoints
+        # This process's time evaluating (with checkpoints) and sampling, on the clock the
+        # processes agree on; the rest of its time is training.
+        self.eval_total = self.sample_total = 0.0
+        self.evaluations = self.samples = 0
         # With a time limit: the planned progress at which the next evaluation is due.
         self.next_eval = (math.floor(self.progress(step, now) * EVALS) + 1) / EVALS
 
@@ -86,17 +91,32 @@ class Pacer:
         """An evaluation ended at ``now`` after ``seconds``: the next one is due a twelfth of
         the run later, or later still so that evaluating takes at most MAX_EVAL_SHARE."""
         self.eval_seconds = seconds
+        self.eval_total += seconds
+        self.evaluations += 1
         if self.max_time:
             gap = max(1 / EVALS, seconds / (MAX_EVAL_SHARE * self.max_time))
             self.next_eval = self.progress(step, now) + gap
 
-    def final_eval_seconds(self, train_seconds_per_char: float, val_chars: int) -> float:
-        """What the final evaluation will take: as long as the last one did; before the
-        first, as long as training on the validation split would (evaluation is faster, so
-        this errs on the safe side)."""
-        if self.eval_seconds is not None:
-            return self.eval_seconds
-        return train_seconds_per_char * val_chars
+    def sampled(self, seconds: float) -> None:
+        self.sample_total += seconds
+        self.samples += 1
+
+    def training_seconds(self, now: float) -> float:
+        """Seconds of training (not evaluating, saving or sampling) since the start."""
+        return max(now - self.start_now - self.eval_total - self.sample_total, 1e-9)
+
+    def reserve(self, step: int, now: float, chars_per_step: int, val_chars: int) -> float:
+        """With a time limit: seconds to keep for the end of the run, from what things took
+        so far: one more step, the final evaluation (as long as the last one; before the
+        first, as long as training on the validation split would, which errs on the safe
+        side: evaluation is faster) and the final sample."""
+        steps = step - self.start_step
+        if not (self.max_time and steps):
+            return 0.0
+        per_step = self.training_seconds(now) / steps
+        final = self.eval_seconds if self.eval_seconds is not None else (
+            per_step / chars_per_step * val_chars)
+        return per_step + final + self.sample_total / max(self.samples, 1)
 
     def describe(self) -> str:
         """The plan, for the run's header."""

@@ -1,4 +1,7 @@
-"""Run directories: naming, locking, metrics files, and finding the latest checkpoint."""
+"""Run directories: naming, locking, metrics files, finding a run's checkpoint, and listing
+runs.
+
+Over 300 lines: everything that knows the layout of a run directory, in one place."""
 
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ Where to change what:
 * the checkpoint policy: :meth:`charlm.loop.Loop.save_checkpoints`
 * what a resume restores: :mod:`charlm.state`
 * what the user sees (bar, log lines, metrics.jsonl, TensorBoard): :mod:`charlm.monitors`
+* when to log and evaluate, and the time a limit keeps for the end: :mod:`charlm.pacing`
+* ``--dry-run``: :mod:`charlm.plan`
+
+Over 300 lines: the set-up of a run with the checks it makes, and its result, read in order.
 """
 
 from __future__ import annotations
@@ -131,19 +135,15 @@ def _train(text_path, cfg, out_dir, resume, init_from, allow_other_data, drop_un
             f"loss became NaN or infinite at step {loop.nan_step}; stopped and {kept}; try a "
             f"lower --lr or stronger clipping (--set train.grad_clip=0.5){hint}"
         )
-    last_train, train_steps = loop.last_train, loop.train_from
-    if state.loss_count and math.isnan(last_train):  # stopped before the first train record
-        last_train = float(dist.mean(state.loss_sum / state.loss_count))
-        first = state.step - state.loss_count + 1
-        train_steps = f"steps {first:,}-{state.step:,}" if first < state.step else f"step {first:,}"
+    last_train, train_steps = loop.recent_train()
     return TrainResult(
         run_dir=run_dir, step=state.step, stopped=stopped, elapsed=total,
         chars_seen=state.chars_seen, chars_per_sec=loop.train_speed(),
         train_loss=last_train, val_loss=loop.last_val, best_val_loss=state.best_val_loss,
         num_parameters=run.model.num_parameters(), vocab_size=len(run.vocab),
         device=str(run.device), precision=run.precision, notes=run.notes,
-        train_steps=train_steps, eval_seconds=loop.eval_seconds + loop.sample_seconds,
-        evaluations=loop.evaluations,
+        train_steps=train_steps, eval_seconds=loop.pacer.eval_total + loop.pacer.sample_total,
+        evaluations=loop.pacer.evaluations,
         save_seconds=loop.save_seconds,
     )
 
@@ -195,12 +195,10 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
     notes = list(corpus.notes)
     if corpus.unknown:
         notes.append(f"dropped {corpus.unknown:,} characters outside the vocabulary")
-    if corpus.crlf and cfg.data.newline == "keep":
-        notes.append("the text has Windows (CRLF) or CR line endings; kept as characters "
-                     "(data.newline=keep)")
-    elif corpus.crlf:
-        notes.append("the text's Windows (CRLF) or CR line endings were read as \\n "
-                     "(--set data.newline=keep keeps them)")
+    if corpus.crlf:
+        notes.append("the text's Windows (CRLF) or CR line endings " + (
+            "were kept as characters (data.newline=keep)" if cfg.data.newline == "keep"
+            else "were read as \\n (--set data.newline=keep keeps them)"))
     vocab = corpus.vocab
     train_np, val_np = split(corpus.ids, cfg.data.val_fraction)
     check_split(train_np, val_np, corpus.source.name, cfg, dist.world)
@@ -277,30 +275,6 @@ def header(run: Setup, state: TrainState, run_dir: Path, resumed: bool) -> Heade
         run_dir=run_dir, start_step=state.step, max_steps=tc.max_steps, resumed=resumed,
         best_val_loss=state.best_val_loss, notes=list(run.notes),
     )
-
-
-@dataclass
-class DryRun:
-    config_toml: str  # the resolved config, as the run directory's config.toml would hold it
-    vocab_size: int
-    num_parameters: int
-
-
-def dry_run(text_path: str | Path, cfg: Config, base: dict[str, Any] | None = None) -> DryRun:
-    """What ``charlm train`` would train, without training: the resolved config, and the
-    vocabulary size (of the text, or of ``base``, a resumed or --init-from checkpoint) and
-    the model's parameter count. Reads the text's characters (cached), nothing else."""
-    from charlm.data import scan_code_points
-
-    validate(cfg)
-    if base is not None:
-        vocab_size = len(checkpoint.vocab_of(base))
-    else:
-        vocab_size = len(scan_code_points(text_path, cfg.data.encoding, cfg.data.errors,
-                                          newline=cfg.data.newline))
-    with torch.device("meta"):  # shapes only: no memory for the weights of a large model
-        model = build_model(vocab_size, cfg.model)
-    return DryRun(to_toml(cfg), vocab_size, model.num_parameters())
 
 
 def run(path: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,

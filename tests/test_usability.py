@@ -73,8 +73,12 @@ def test_slow_evaluations_are_spaced_to_a_share_of_the_time():
     pacer.evaluated(step=100, now=5.0, seconds=3.0)  # 3 s per evaluation of a 60 s run
     next_at = next(t / 10 for t in range(50, 600) if pacer.due(1000 + t, t / 10).eval)
     assert next_at == pytest.approx(5.0 + 3.0 / MAX_EVAL_SHARE, abs=0.11)
-    assert pacer.final_eval_seconds(1e-3, 10_000) == 3.0  # measured, once there is one
-    assert Pacer(0, 0, 0, 60.0, 0.0, 50).final_eval_seconds(1e-5, 10_000) == pytest.approx(0.1)
+    # The time kept for the end: a step, the last evaluation's time (measured), no sample yet.
+    # 100 steps in 5 s, 3 s of it evaluating: 0.02 s per step.
+    assert pacer.reserve(100, 5.0, 64, 10_000) == pytest.approx(0.02 + 3.0)
+    fresh = Pacer(0, 0, 0, 60.0, 0.0, 50)  # before any evaluation: as long as training on it
+    assert fresh.reserve(100, 2.0, 64, 6_400) == pytest.approx(0.02 + 0.02 * 100)
+    assert Pacer(0, 0, 1000, 0.0, 0.0, 50).reserve(100, 2.0, 64, 6_400) == 0.0  # no time limit
 
 
 def test_a_short_timed_run_shows_progress_and_ends_within_its_time(tmp_path):
