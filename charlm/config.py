@@ -66,7 +66,8 @@ class TrainConfig:
     # CPU threads for torch; 0 picks the number of physical cores available.
     threads: int = 0
     # Evaluation: number of parallel streams and window length over the validation split.
-    eval_streams: int = 32
+    # 64 streams evaluate 1.4x faster than 32 (bf16, Zen 4) for +0.0014 nats of cold starts.
+    eval_streams: int = 64
     eval_seq_len: int = 256
     # Samples printed at each evaluation (0 chars turns them off).
     sample_chars: int = 200

@@ -76,3 +76,23 @@ def test_bf16_training_follows_fp32(text_file, tmp_path, one_thread):
     # It learned: the last train loss is well below the uniform guess, log(V).
     vocab = len(set(text_file.read_text(encoding="utf-8")))
     assert bf16[("train", 30)] < math.log(vocab) - 0.5
+
+
+def test_bf16_evaluation_runs_a_gru_in_bf16_and_matches_fp32(one_thread):
+    from charlm.evaluate import _eval_forward, mean_loss
+
+    cfg = load_toml(TINY_CONFIG).model
+    cfg.cell = "gru"
+    torch.manual_seed(0)
+    model = build_model(30, cfg).eval()
+    amp = autocast(CPU, "bf16")
+    forward = _eval_forward(model, amp)
+    assert forward is not model  # autocast alone would leave the GRU in fp32
+    with torch.no_grad(), amp:
+        logits, state = forward(torch.randint(0, 30, (2, 9)), None)
+    assert state.dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
+    ids = torch.randint(0, 30, (5000,))
+    ref = mean_loss(model, ids, 8, 64)
+    low = mean_loss(model, ids, 8, 64, amp)
+    assert low == pytest.approx(ref, rel=1e-2) and low != ref
+    assert _eval_forward(model, None) is model  # fp32: the model itself
