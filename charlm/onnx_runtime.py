@@ -108,17 +108,23 @@ def _check_signature(path: Path, session: Any, config: Config, vocab: Vocab) -> 
                 )
 
 
+def read_bytes(path: Path, what: str) -> bytes:
+    """An export's bytes, read by Python, so that any file name the OS allows works (the
+    Rust and C++ readers are never given the name)."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def load(path: str | Path) -> OnnxModel:
     """Open a charlm ONNX export with onnxruntime and check its metadata, inputs and
     outputs against its config before anything is allocated from it."""
     ort = require("onnxruntime", "export", "running an ONNX model")
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"ONNX model not found: {path}")
-    try:  # read by Python, so that any file name the OS allows works
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    data = read_bytes(path, "ONNX model")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: onnxruntime warns about unused initializers
     try:

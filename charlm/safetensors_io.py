@@ -42,12 +42,7 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
     safetensors = require("safetensors", "export", "reading a .safetensors file")
     st = require("safetensors.torch", "export", "reading a .safetensors file")
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"safetensors file not found: {path}")
-    try:  # read by Python, so that any file name the OS allows works
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    data = onnx_runtime.read_bytes(path, "safetensors file")
     meta = _metadata(path, data)
     version, config, vocab = onnx_runtime.read_metadata(
         path, meta, SAFETENSORS_FORMAT, SAFETENSORS_VERSION, "safetensors"
