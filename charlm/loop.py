@@ -306,7 +306,7 @@ class Loop:
             self.evaluated_step = step
         if not (full or improved):
             return
-        train_state = snapshot(self.state, run.batcher, run.model, dist, self.elapsed())
+        train_state = snapshot(self.state, run.batcher, run.model, dist, now)
         if run.scaler.is_enabled():  # fp16: resume at the same loss scale
             train_state["scaler"] = run.scaler.state_dict()
         if full:

@@ -27,8 +27,8 @@ def scaled(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Ten
     if bool(small.any()) if isinstance(small, torch.Tensor) else small:
         z = logits.double()
         return (z - z.max(dim=-1, keepdim=True).values) / temperature
-    return logits.float() / temperature if not (isinstance(temperature, float | int)
-                                                 and temperature == 1) else logits.float()
+    z = logits.float()
+    return z if isinstance(temperature, float | int) and temperature == 1 else z / temperature
 
 
 def pick(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,32 +41,30 @@ def detached_copy(obj: Any, clone_cpu: bool = True) -> Any:
 
 class CheckpointWriter:
     """One background writer of checkpoint files. ``blocked`` counts the seconds the training
-    thread spent saving (copies and waits), ``writing`` those the writer thread spent."""
+    thread spent saving (copies and waits)."""
 
     def __init__(self) -> None:
         self._pending: dict[Path, Any] = {}  # path -> checkpoint, in write order
-        self._prune: list[tuple[Path, int]] = []  # (directory, keep) for step-*.pt files
+        self._prune: tuple[Path, int] | None = None  # (run directory, step-*.pt files to keep)
         self._error: BaseException | None = None
         self._cond = threading.Condition()
-        self._busy = False
         self._closed = False
         self.blocked = 0.0
-        self.writing = 0.0
         self._thread = threading.Thread(target=self._run, name="charlm-checkpoints",
                                         daemon=True)
         self._thread.start()
 
     def submit(self, files: dict[Path, dict[str, Any]], prune: tuple[Path, int] | None = None,
                started: float | None = None) -> None:
-        """Queue ``files`` (path -> checkpoint of copied tensors) to be written in order.
+        """Queue ``files`` (path -> checkpoint of copied tensors) to be written in order, then
+        ``prune``: keep that many step-*.pt files in that directory, the newest.
         ``started``: when the training thread began preparing them, for ``blocked``."""
         with self._cond:
             self._raise()
             for path, ckpt in files.items():
                 self._pending.pop(path, None)  # re-queued at the end: order is kept
                 self._pending[path] = ckpt
-            if prune is not None:
-                self._prune.append(prune)
+            self._prune = prune or self._prune
             self._cond.notify()
         if started is not None:
             self.blocked += time.perf_counter() - started
@@ -89,24 +88,24 @@ class CheckpointWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._prune and not self._closed:
+                while not (self._pending or self._prune or self._closed):
                     self._cond.wait()
-                if not self._pending and not self._prune:
+                if self._pending:  # files first, so that pruning sees the newest step file
+                    path = next(iter(self._pending))
+                    job = partial(checkpoint.save, path, self._pending.pop(path))
+                elif self._prune:
+                    job, self._prune = partial(_prune_steps, *self._prune), None
+                else:
                     return
-                path, ckpt = next(iter(self._pending.items())) if self._pending else (None, None)
-                if path is not None:
-                    del self._pending[path]
-                prune = self._prune.pop(0) if path is None else None
-            t = time.perf_counter()
             try:
-                if path is not None:
-                    checkpoint.save(path, ckpt)
-                elif prune[1]:
-                    for old in sorted(prune[0].glob("step-*.pt"))[:-prune[1]]:
-                        old.unlink(missing_ok=True)
+                job()
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
                 with self._cond:
                     self._error = exc
                     self._pending.clear()
-                    self._prune.clear()
-            self.writing += time.perf_counter() - t
+                    self._prune = None
+
+
+def _prune_steps(run_dir: Path, keep: int) -> None:
+    for old in sorted(run_dir.glob("step-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)

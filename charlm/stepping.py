@@ -36,7 +36,7 @@ class GraphStep:
     """
 
     def __init__(self, stepper: Stepper, batch: int, state: State):
-        self.stepper = stepper
+        self.stepper = stepper  # kept alive: the graph reads its weight buffers
         self.ids = torch.zeros(batch, dtype=torch.long, device=stepper.w_head.device)  # (B,)
         self.state_in = [t.clone() for t in state_tensors(state)]  # each (L, B, H)
         self.lstm = isinstance(state, tuple)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
@@ -86,45 +88,26 @@ def train(
     metrics.jsonl is always written, and TensorBoard logs with ``train.tensorboard``.
     """
     validate(cfg)
-    try:
-        return _train(text_path, cfg, out_dir, resume, init_from, allow_other_data,
-                      drop_unknown, stop_at_step, progress, dist or Dist(), monitors)
-    except OUT_OF_MEMORY as exc:  # the GPU's memory; the CPU's is a MemoryError
-        m, tc = cfg.model, cfg.train
-        raise CharlmError(
-            f"out of GPU memory ({first_line(exc).split('. ')[0]}); lower --batch-size (now "
-            f"{tc.batch_size}), --seq-len (now {tc.seq_len}) or --hidden-size (now "
-            f"{m.hidden_size}); checkpoints already written are unchanged"
-        ) from None
-
-
-# torch.OutOfMemoryError since torch 2.5; torch.cuda.OutOfMemoryError before.
-OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-
-def _train(text_path, cfg, out_dir, resume, init_from, allow_other_data, drop_unknown,
-           stop_at_step, progress, dist, monitors) -> TrainResult:
+    dist = dist or Dist()
     main = dist.rank == 0
-    report = Monitors(_monitors(cfg, progress, monitors) if main else [])
-    run = setup(text_path, cfg, resume, init_from, allow_other_data, drop_unknown, dist)
-    state = TrainState(loss_sum=torch.zeros((), device=run.device))
-    if resume is not None:
-        run.notes += restore(resume, state, run.batcher, run.optimizer, cfg, dist, run.device,
-                             run.scaler)
+    with _out_of_gpu_memory(cfg):
+        report = Monitors(_monitors(cfg, progress, monitors) if main else [])
+        run = setup(text_path, cfg, resume, init_from, allow_other_data, drop_unknown, dist)
+        state = TrainState(loss_sum=torch.zeros((), device=run.device))
+        if resume is not None:
+            run.notes += restore(resume, state, run.batcher, run.optimizer, cfg, dist,
+                                 run.device, run.scaler)
 
-    stem = Path(run.source_info["name"]).stem
-    with run_directory(out_dir, resume is not None, stem, cfg.model.cell, to_toml(cfg),
-                       create=main) as run_dir, report:
-        # The first collective: a setup error on any rank (including the run directory on
-        # rank 0) is reported there once, and every rank stops.
-        run_dir = dist.broadcast_path(run_dir)
-        report.on_start(header(run, state, run_dir, resume is not None))
-        loop = Loop(run, state, run_dir, report, resume is not None, stop_at_step)
-        stopped = loop.fit()
-        total = loop.elapsed()
-    if loop.save_seconds > max(0.02 * (total - state.elapsed), 1.0):  # worth a word
-        run.notes.append(f"saving checkpoints took {loop.save_seconds:.1f} s of training time "
-                         f"({loop.save_seconds / max(total - state.elapsed, 1e-9):.0%})")
+        stem = Path(run.source_info["name"]).stem
+        with run_directory(out_dir, resume is not None, stem, cfg.model.cell, to_toml(cfg),
+                           create=main) as run_dir, report:
+            # The first collective: a setup error on any rank (including the run directory
+            # on rank 0) is reported there once, and every rank stops.
+            run_dir = dist.broadcast_path(run_dir)
+            report.on_start(header(run, state, run_dir, resume is not None))
+            loop = Loop(run, state, run_dir, report, resume is not None, stop_at_step)
+            stopped = loop.fit()
+            total = loop.elapsed()
 
     if stopped == "nan":
         kept = (f"kept the last good checkpoint, {run_dir / 'last.pt'}"
@@ -146,6 +129,25 @@ def _train(text_path, cfg, out_dir, resume, init_from, allow_other_data, drop_un
         evaluations=loop.pacer.evaluations,
         save_seconds=loop.save_seconds,
     )
+
+
+# torch.OutOfMemoryError since torch 2.5; torch.cuda.OutOfMemoryError before.
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@contextmanager
+def _out_of_gpu_memory(cfg: Config) -> Iterator[None]:
+    """The GPU running out of memory (the CPU's is a MemoryError) as one line naming the
+    options that lower it; the run directory is unlocked and written files stay as they are."""
+    try:
+        yield
+    except OUT_OF_MEMORY as exc:
+        m, tc = cfg.model, cfg.train
+        raise CharlmError(
+            f"out of GPU memory ({first_line(exc).split('. ')[0]}); lower --batch-size (now "
+            f"{tc.batch_size}), --seq-len (now {tc.seq_len}) or --hidden-size (now "
+            f"{m.hidden_size}); checkpoints already written are unchanged"
+        ) from None
 
 
 def _monitors(cfg: Config, progress: bool | None, given: list[Monitor] | None) -> list[Monitor]:
