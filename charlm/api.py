@@ -125,11 +125,3 @@ def load(path: str | os.PathLike, device: str = "cpu") -> Model:
     dev = resolve_device(device, config.model.cell)
     return Model(checkpoint.model_of(ckpt, dev), checkpoint.vocab_of(ckpt), config, path,
                  str(dev), generate)
-
-
-def train(path: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
-          out: str | os.PathLike | None = None, progress: bool = True, **overrides: Any):
-    """``charlm.train(...)``: see :func:`charlm.train.run`."""
-    from charlm.train import run
-
-    return run(path, config=config, out=out, progress=progress, **overrides)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from charlm.errors import CharlmError
-from charlm.files import open_fresh
+from charlm.files import open_fresh, remove_quietly
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -28,10 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # a read-only file system refuses even to unlink what is not there
-            pass
+        remove_quietly(tmp)
         os_error = _os_error(exc)
         if os_error is not None:
             raise CharlmError(

@@ -11,7 +11,6 @@ and describing it are one concern, and the checks belong next to the reader.
 
 from __future__ import annotations
 
-import math
 import pickle
 import re
 import warnings
@@ -283,29 +282,6 @@ def growth_of(ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
         return []
     return [g for g in growth if isinstance(g, dict) and isinstance(g.get("base_size"), int)
             and isinstance(g.get("added"), str)]
-
-
-def recorded(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint records about its training, for display: each value of the type
-    it should have, or a neutral default (a crafted or foreign file may hold anything)."""
-    ts, source = ckpt.get("train_state"), ckpt.get("train_file")
-    ts = ts if isinstance(ts, dict) else {}
-    source = source if isinstance(source, dict) else {}
-
-    def value(table: dict, key: str, kind: type, default: Any) -> Any:
-        v = table.get(key, default)
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        return v if isinstance(v, kind) and not isinstance(v, bool) else default
-
-    return {
-        "step": value(ts, "step", int, 0), "epoch": value(ts, "epoch", float, 0.0),
-        "best_val_loss": value(ts, "best_val_loss", float, math.nan),
-        "elapsed": value(ts, "elapsed", float, 0.0), "file": value(source, "name", str, "?"),
-        "file_size": value(source, "size", int, 0), "sha256": value(source, "sha256", str, "?"),
-        "charlm_version": str(ckpt.get("charlm_version")),
-        "torch_version": str(ckpt.get("torch_version")),
-    }
 
 
 def shape_differences(old: Config, new: Config) -> list[str]:

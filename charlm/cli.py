@@ -17,7 +17,6 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -274,15 +273,6 @@ def train(
                 err.print(f"training on tiny Shakespeare: {_literal(file)}")
         if stop_at_step < 0:
             raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
-        if dry_run:
-            from charlm.plan import dry_run as plan
-
-            if dist.rank == 0:
-                r = plan(file, cfg, resume_ckpt or init_ckpt)
-                out.print(r.config_toml.rstrip(), markup=False, highlight=False)
-                err.print(f"model: {r.num_parameters:,} parameters, vocabulary "
-                          f"{r.vocab_size:,} characters; dry run: nothing trained")
-            return
         if grow_vocab:
             from charlm.data import scan_code_points
 
@@ -292,7 +282,16 @@ def train(
             if dist.rank == 0:
                 err.print(f"vocabulary grown by {len(added)} characters: {_chars(added)}" if added
                           else "vocabulary not grown: the text has no new characters",
-                          markup=False, soft_wrap=True)
+                          soft_wrap=True)
+        if dry_run:
+            from charlm.plan import dry_run as plan
+
+            if dist.rank == 0:
+                r = plan(file, cfg, resume_ckpt or init_ckpt)
+                out.print(r.config_toml.rstrip())
+                err.print(f"model: {r.num_parameters:,} parameters, vocabulary "
+                          f"{r.vocab_size:,} characters; dry run: nothing trained")
+            return
 
         result = run_training(
             file, cfg, out_dir=out_dir, resume=resume_ckpt, init_from=init_ckpt,
@@ -398,6 +397,7 @@ def sample(
     """Generate text from a seed string."""
     from charlm.api import load
     from charlm.decoding import (
+        StopScan,
         check_beam,
         check_interactive,
         check_options,
@@ -450,11 +450,14 @@ def sample(
     # The first sample is printed as it is generated (the others come with it, as one batch,
     # and are printed after it), so `charlm sample | head` returns at once.
     streamed: list[str] = []
+    scan = StopScan(stops, 1) if stops else None
 
     def on_step(new_ids: list[int]) -> None:
-        if streamed and any("".join(streamed).endswith(t) for t in stops):
+        if scan is not None and scan.ends[0] is not None:
             return  # its text ended at a stop text; the batch goes on for the others
         streamed.append(vocab.chars[new_ids[0]])
+        if scan is not None:
+            scan.feed(streamed[-1:])
         sys.stdout.write(streamed[-1])
         sys.stdout.flush()
 
@@ -615,8 +618,8 @@ def info(
         ("dropout", f"{d['dropout']:g}"),
         ("parameters", f"{d['parameters']:,}"),
         ("vocabulary", f"{d['vocab_size']:,} characters"),
-        *[("vocabulary growth", escape(f"{g['base_size']:,} + {len(g['added']):,} characters: "
-                                      f"{_chars(g['added'])}"))
+        *[("vocabulary growth", f"{g['base_size']:,} + {len(g['added']):,} characters: "
+                                f"{_chars(g['added'])}")
           for g in d["vocab_growth"]],
         ("steps", number(d["steps"], ",")),
         ("epochs", number(d["epochs"], ".2f")),
@@ -799,7 +802,7 @@ def main(argv: list[str] | None = None) -> None:
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `charlm`: the help (rich has
             if str(exc).strip():  # already printed it when it renders help itself)
-                err.print(str(exc), markup=False, highlight=False)
+                err.print(str(exc))
             sys.exit(0)
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""

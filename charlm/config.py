@@ -19,7 +19,7 @@ from typing import Any
 
 from charlm.cells import NAMES as CELLS
 from charlm.errors import ConfigError, DataError
-from charlm.text import check_encoding
+from charlm.text import NEWLINES, check_encoding
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -130,7 +130,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.cell": CELLS,
     "data.errors": ("strict", "replace"),
-    "data.newline": ("normalize", "keep"),
+    "data.newline": NEWLINES,
     "train.precision": PRECISIONS,
     "train.on_nan": ("stop", "skip"),
 }

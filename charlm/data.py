@@ -27,7 +27,7 @@ import torch
 
 from charlm.atomic import atomic_write_text
 from charlm.errors import CharlmError, DataError
-from charlm.files import open_fresh
+from charlm.files import open_fresh, remove_quietly
 from charlm.text import Source, changed, read_text, resolve_source
 from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype
 
@@ -196,20 +196,13 @@ def _cache_buffer(bin_path: Path, total: int, dtype: np.dtype) -> tuple[np.ndarr
                 f.truncate(max(total, 1) * dtype.itemsize)
         return np.memmap(tmp, dtype=dtype, mode="r+", shape=(max(total, 1),)), tmp
     except OSError:
-        _remove(tmp)
+        remove_quietly(tmp)
         raise
 
 
 def _cache_note(exc: OSError) -> str:
     return (f"the ids cache {cache_dir()} cannot be written ({exc.strerror or exc}); "
             "encoded the text in memory instead")
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:  # the cache directory is not a directory, or not ours to change
-        pass
 
 
 def load_corpus(
@@ -258,7 +251,7 @@ def load_corpus(
     except BaseException:
         if use_cache:
             del out
-            _remove(tmp)
+            remove_quietly(tmp)
         raise
     if not use_cache:
         return Corpus(out[:n], vocab, source, unknown, crlf, notes, newline)
@@ -269,7 +262,7 @@ def load_corpus(
         os.truncate(tmp, n * dtype.itemsize)
         os.replace(tmp, bin_path)
     except OSError as exc:
-        _remove(tmp)
+        remove_quietly(tmp)
         corpus = load_corpus(path, vocab, encoding, errors, drop_unknown, use_cache=False,
                              newline=newline)
         corpus.notes.append(_cache_note(exc))

@@ -51,10 +51,16 @@ def remove_stale_temporaries(path: Path) -> None:
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
         if pid.isdigit() and not _alive(int(pid)):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+            remove_quietly(tmp)
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove ``path`` if it is there; best effort (a read-only file system, or a folder
+    that is not ours to change, refuses even to unlink what is not there)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _alive(pid: int) -> bool:

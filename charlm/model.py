@@ -127,7 +127,7 @@ class CharRNN(nn.Module):
 def parameter_shapes(vocab_size: int, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The name and shape of every weight of ``CharRNN(vocab_size, cfg)``, without building
     it: what a checkpoint's tensors must match before a model is allocated for them."""
-    G = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.cell]  # gates per layer
+    G = CELLS[cfg.cell].gates  # gate blocks per layer
     V, E, H = vocab_size, cfg.embed_size, cfg.hidden_size
     shapes = {"embed.weight": (V, E)}
     for k in range(cfg.num_layers):

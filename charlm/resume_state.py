@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from charlm.cells import CELLS
 from charlm.config import ModelConfig
 from charlm.errors import CheckpointError
 
@@ -137,7 +138,7 @@ def _carried(saved: Any, model: ModelConfig, rows: int, world: int) -> list | No
     (L, rows, H), as fresh float32 copies."""
     if saved is None:
         return None
-    n = 2 if model.cell == "lstm" else 1
+    n = len(CELLS[model.cell].states)
     if not isinstance(saved, list | tuple) or len(saved) != world:
         raise _bad(f"the carried state does not hold one entry per process ({world})")
     shape = (model.num_layers, rows, model.hidden_size)

@@ -174,9 +174,7 @@ def latest_checkpoint(root: Path = RUNS_DIR) -> Path:
     found = [p for name in CHECKPOINT_NAMES for p in root.glob(f"*/{name}")]
     if not found:
         raise CharlmError(f"no checkpoint found under {root}/; pass --checkpoint PATH")
-    newest_dir = max(found, key=lambda p: p.stat().st_mtime).parent
-    best = newest_dir / "best.pt"
-    return best if best.exists() else newest_dir / "last.pt"
+    return checkpoint_in(max(found, key=lambda p: p.stat().st_mtime).parent)
 
 
 def checkpoint_in(path: Path) -> Path:

@@ -295,7 +295,6 @@ def run(path: str | os.PathLike | None = None, *, config: str | os.PathLike | No
             raise ConfigError(f"charlm.train(): unknown option {name!r}; valid options: "
                               + ", ".join(sections))
         apply_dict(cfg, {sections[name]: {name: value}}, source="charlm.train()")
-    validate(cfg)
     text = Path(path) if path is not None else default_corpus()
     return train(text, cfg, out_dir=out, progress=progress)
 

@@ -89,6 +89,17 @@ def test_fine_tune_with_grown_vocabulary_samples_old_and_new(tiny_run, tmp_path)
                        "--drop-unknown", "--grow-vocab")
 
 
+def test_dry_run_reports_the_grown_vocabulary(tiny_run, tmp_path):
+    text = tmp_path / "french.txt"
+    text.write_text(FRENCH, encoding="utf-8")
+    base = len(checkpoint.load(tiny_run / "best.pt")["vocab"])
+    proc = run_cli("train", text, "--init-from", tiny_run / "best.pt", "--config", TINY_CONFIG,
+                   "--grow-vocab", "--dry-run", "--out", tmp_path / "grown")
+    assert proc.returncode == 0, proc.stderr
+    assert f"vocabulary {base + len(NEW):,} characters; dry run" in proc.stderr
+    assert not (tmp_path / "grown").exists()
+
+
 def test_grown_model_exports_and_samples(tiny_run, tmp_path):
     from charlm import onnx_runtime
     from charlm.export import export_checkpoint
