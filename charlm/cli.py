@@ -30,8 +30,8 @@ app = typer.Typer(
     add_completion=False,
 )
 # No markup: file names, run names and messages are printed literally ("[v2] exp" stays so).
-out = Console(highlight=False, markup=False)
-err = Console(stderr=True, highlight=False, markup=False)
+out = Console(highlight=False, markup=False, soft_wrap=True)  # a line is never broken
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 
 _literal = printable  # every user-supplied string is printed through it
@@ -39,7 +39,7 @@ _literal = printable  # every user-supplied string is printed through it
 
 def _error(message: str) -> None:
     # One line whatever the message quotes (a file name or --set value with a newline in it).
-    err.print(Text.assemble(("error: ", "bold red"), _literal(message)), soft_wrap=True)
+    err.print(Text.assemble(("error: ", "bold red"), _literal(message)))
 
 
 def _chars(chars, most: int = 20) -> str:
@@ -98,7 +98,7 @@ def _checkpoint(path: Path) -> Path:
 
     found = checkpoint_in(path)
     if found != path:
-        err.print(Text(f"using {found}", style="dim"), soft_wrap=True)
+        err.print(Text(f"using {found}", style="dim"))
     return found
 
 
@@ -281,8 +281,7 @@ def train(
             init_ckpt, added = checkpoint.grow_vocab(init_ckpt, present)
             if dist.rank == 0:
                 err.print(f"vocabulary grown by {len(added)} characters: {_chars(added)}" if added
-                          else "vocabulary not grown: the text has no new characters",
-                          soft_wrap=True)
+                          else "vocabulary not grown: the text has no new characters")
         if dry_run:
             from charlm.plan import dry_run as plan
 
@@ -309,8 +308,7 @@ def train(
         what = "interrupted" if result.stopped == "interrupted" else "paused (--stop-at-step)"
         err.print(
             f"{what} at step {result.step}; saved {_literal(result.run_dir / 'last.pt')}. "
-            f"Resume with: {launcher} train --resume {_literal(shlex.quote(str(result.run_dir)))}",
-            soft_wrap=True,  # one line, so the command can be copied whole
+            f"Resume with: {launcher} train --resume {_literal(shlex.quote(str(result.run_dir)))}"
         )
     if result.stopped == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -553,7 +551,7 @@ def eval_(
         what = (f"each charged {r.to_dict()['unknown_bits']:.2f} bits" if r.unknown_mode == "charge"
                 else "dropped: bits/char is over the rest (--unknown charge counts them)")
         err.print(f"warning: {r.unknown:,} characters ({r.unknown_share:.1%}) of the text are "
-                  f"outside the model's vocabulary; {what}", soft_wrap=True)
+                  f"outside the model's vocabulary; {what}")
     if as_json:
         _print_json({"checkpoint": str(checkpoint_path), "file": str(file), **r.to_dict()})
         return
@@ -665,7 +663,7 @@ def plot(
 
     r = plot_runs(run_dirs, output, width=width, height=height)
     for why in r.skipped:
-        err.print(Text(f"warning: skipped {why}"), soft_wrap=True)
+        err.print(Text(f"warning: skipped {why}"))
     runs_text = "1 run" if r.runs == 1 else f"{r.runs} runs"
     out.print(f"wrote {_literal(r.path)} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
 

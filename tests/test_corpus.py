@@ -50,7 +50,9 @@ def test_package_data_is_declared():
 def test_train_without_file_needs_no_network(tmp_path):
     elsewhere = tmp_path / "elsewhere"  # not the checkout: the corpus is found from anywhere
     elsewhere.mkdir()
-    proc = run_charlm_with(NO_NETWORK, "train", *SHORT, "--out", tmp_path / "run", cwd=elsewhere)
+    # A narrow terminal: the line and its path are still printed whole, never broken.
+    proc = run_charlm_with(NO_NETWORK, "train", *SHORT, "--out", tmp_path / "run", cwd=elsewhere,
+                           env={"COLUMNS": "40"})
     assert proc.returncode == 0, proc.stderr
     assert f"training on tiny Shakespeare: {SHAKESPEARE}" in proc.stderr
     ckpt = checkpoint.load(tmp_path / "run" / "last.pt")
