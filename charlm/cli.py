@@ -69,7 +69,7 @@ def _print_table(console: Console, table: Table) -> None:
     if width > console.width:
         console = Console(file=console.file, width=width, highlight=False, markup=False,
                           color_system=console.color_system, force_terminal=console.is_terminal)
-    console.print(table)
+    console.print(table, soft_wrap=False)  # laid out at the width measured above
 
 
 def _print_json(document: dict) -> None:
@@ -369,7 +369,7 @@ def _print_loss_curve(run_dir: Path) -> None:
     right = f"{grid.x_max:,} characters"
     lines.append(Text("        0" + right.rjust(width - 1), style="dim"))
     for line in lines:
-        err.print(line, no_wrap=True, overflow="crop")
+        err.print(line, no_wrap=True, overflow="crop", soft_wrap=False)
 
 
 # --------------------------------------------------------------------------------- sample
