@@ -183,6 +183,7 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (0: no limit).", show_default=_default("train.max_steps"))] = None,
     max_time: Annotated[float | None, typer.Option(help="Stop so that the whole run, final evaluation included, takes this many seconds (0: no limit).", show_default=_default("train.max_time"))] = None,
     max_epochs: Annotated[float | None, typer.Option(help="Stop after this many epochs (0: no limit).", show_default=_default("train.max_epochs"))] = None,
+    size: Annotated[str | None, typer.Option(help="auto: with a time budget and no shape option, choose the model, batch, window, lr and dropout for the budget on this device; fixed: train the configured shape.", show_default=_default("train.size"))] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: about 12 times over the run's limit).", show_default=_default("train.eval_every"))] = None,
     log_every: Annotated[int | None, typer.Option(help="Log the training loss every N steps (0: about 50 times over the run's limit).", show_default=_default("train.log_every"))] = None,
     random_seed: Annotated[int | None, typer.Option(help="Random seed (initial weights, data order, dropout, samples).", show_default=_default("train.seed"))] = None,
@@ -213,6 +214,7 @@ def train(
     from charlm.corpus import default_corpus
     from charlm.distributed import from_env
     from charlm.runs import check_resume_out
+    from charlm.sizing import settle as settle_sizing
     from charlm.train import EXIT_INTERRUPTED
     from charlm.train import train as run_training
 
@@ -253,13 +255,14 @@ def train(
             if init_from is not None:
                 init_ckpt = checkpoint.load(_checkpoint(init_from))
                 cfg.model = checkpoint.config_of(init_ckpt).model
+        given: set[str] = set()
         if config is not None:
-            cfg = load_toml(config, cfg)
+            cfg = load_toml(config, cfg, given)
         sources = _apply_options(
             cfg, list(set_ or []),
             cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
             dropout=dropout, batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=max_steps,
-            max_time=max_time, max_epochs=max_epochs, eval_every=eval_every,
+            max_time=max_time, max_epochs=max_epochs, size=size, eval_every=eval_every,
             log_every=log_every, seed=_random_seed(random_seed, seed),
             device=device, precision=precision, encoding=encoding, patience=patience,
             keep_last=keep_last, sample_every=sample_every, tensorboard=tensorboard,
@@ -267,6 +270,12 @@ def train(
         if no_samples:
             cfg.train.sample_chars = 0
         validate(cfg, sources)
+        keep = frozenset()
+        if resume_ckpt is None:
+            given |= set(sources) | {item.partition("=")[0].strip() for item in set_ or []}
+            if init_ckpt is not None:
+                given.add("model.cell")  # the checkpoint's shape
+            keep = settle_sizing(cfg, given)
         if file is None:
             file = default_corpus()
             if dist.rank == 0:
@@ -288,14 +297,20 @@ def train(
             if dist.rank == 0:
                 r = plan(file, cfg, resume_ckpt or init_ckpt)
                 out.print(r.config_toml.rstrip())
-                err.print(f"model: {r.num_parameters:,} parameters, vocabulary "
-                          f"{r.vocab_size:,} characters; dry run: nothing trained")
+                if r.sized:
+                    err.print(f"model: chosen for the {cfg.train.max_time:g} s budget when training "
+                              "starts (automatic sizing times a few shapes on this device; "
+                              "--size fixed trains the shape above); vocabulary "
+                              f"{r.vocab_size:,} characters; dry run: nothing trained")
+                else:
+                    err.print(f"model: {r.num_parameters:,} parameters, vocabulary "
+                              f"{r.vocab_size:,} characters; dry run: nothing trained")
             return
 
         result = run_training(
             file, cfg, out_dir=out_dir, resume=resume_ckpt, init_from=init_ckpt,
             allow_other_data=allow_other_data, drop_unknown=drop_unknown,
-            stop_at_step=stop_at_step, progress=progress, dist=dist,
+            stop_at_step=stop_at_step, progress=progress, dist=dist, keep=keep,
         )
     if dist.rank != 0:  # rank 0 speaks for every process
         if result.stopped == "interrupted":

@@ -57,6 +57,11 @@ class TrainConfig:
     max_steps: int = 2000
     max_time: float = 0.0
     max_epochs: float = 0.0
+    # "auto": with a time budget (max_time), choose the model, batch, window, learning rate
+    # and dropout for it on this device (charlm.sizing). "fixed": train the shape configured.
+    # The front ends (charlm train, charlm.train()) make it "auto" unless it or a shape field
+    # is given; a Config built in Python trains its own shape.
+    size: str = "fixed"
     # Evaluate / log every N steps; 0 paces them to the run's limits (charlm.pacing).
     eval_every: int = 0
     log_every: int = 0
@@ -132,6 +137,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.errors": ("strict", "replace"),
     "data.newline": NEWLINES,
     "train.precision": PRECISIONS,
+    "train.size": ("auto", "fixed"),
     "train.on_nan": ("stop", "skip"),
 }
 
@@ -233,8 +239,9 @@ def apply_sets(cfg: Config, assignments: list[str]) -> None:
         setattr(sections[name], key, value)
 
 
-def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
-    """Read a TOML config file over the defaults (or over ``cfg``)."""
+def load_toml(path: str | Path, cfg: Config | None = None, given: set[str] | None = None) -> Config:
+    """Read a TOML config file over the defaults (or over ``cfg``); the keys it sets
+    (``"model.cell"``, ...) are added to ``given`` when one is passed."""
     path = Path(path)
     cfg = cfg or Config()
     try:
@@ -247,6 +254,9 @@ def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     apply_dict(cfg, data, source=str(path))
+    if given is not None:
+        given.update(f"{section}.{key}" for section, table in data.items()
+                     if isinstance(table, dict) for key in table)
     return cfg
 
 

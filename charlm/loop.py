@@ -38,6 +38,7 @@ from charlm.sample import generate
 from charlm.saver import CheckpointWriter, detached_copy
 from charlm.schedule import lr_at, planned_progress
 from charlm.signals import StopSignals
+from charlm.sizing import Choice
 from charlm.state import TrainState, snapshot
 from charlm.units import bits
 from charlm.vocab import Vocab
@@ -69,6 +70,7 @@ class Setup:
     sample_seed: str  # samples continue the start of the training text
     notes: list[str]
     vocab_growth: list[dict[str, Any]]  # --grow-vocab records, kept through fine-tuning
+    sizing: Choice | None = None  # what automatic sizing chose, when it ran
 
 
 def steps(first: int, last: int) -> str:

@@ -50,6 +50,7 @@ class Header:
     resumed: bool = False
     best_val_loss: float = math.inf  # of the run so far (a resumed run has one)
     notes: list[str] = field(default_factory=list)
+    sizing: str = ""  # automatic sizing's choice and reason, when it chose
 
     def lines(self) -> list[str]:
         per = f" x {self.world} processes" if self.world > 1 else ""
@@ -60,6 +61,7 @@ class Header:
             f"model: {self.model}, {self.parameters:,} parameters",
             f"device: {self.device} ({self.precision}); batch {self.batch_size}{per} x window "
             f"{self.seq_len}",
+            *([f"size: automatic: {self.sizing}"] if self.sizing else []),
             f"limits: {self.limits}",
             f"run: {printable(self.run_dir)} ({start})",
             *(f"note: {printable(note)}" for note in self.notes),

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from charlm import checkpoint
+from charlm import checkpoint, sizing
 from charlm.config import Config, to_toml, validate
 from charlm.data import scan_code_points
 from charlm.model import build_model
@@ -19,6 +19,7 @@ class DryRun:
     config_toml: str  # the resolved config, as the run directory's config.toml would hold it
     vocab_size: int
     num_parameters: int
+    sized: bool = False  # the shape is chosen when training starts (charlm.sizing)
 
 
 def dry_run(text_path: str | Path, cfg: Config, base: dict[str, Any] | None = None) -> DryRun:
@@ -33,4 +34,5 @@ def dry_run(text_path: str | Path, cfg: Config, base: dict[str, Any] | None = No
                                           newline=cfg.data.newline))
     with torch.device("meta"):  # shapes only: no memory for the weights of a large model
         model = build_model(vocab_size, cfg.model)
-    return DryRun(to_toml(cfg), vocab_size, model.num_parameters())
+    return DryRun(to_toml(cfg), vocab_size, model.num_parameters(),
+                  sized=base is None and sizing.wanted(cfg))

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from charlm import checkpoint
+from charlm import checkpoint, sizing
 from charlm.config import Config, apply_dict, load_toml, to_toml, validate
 from charlm.corpus import default_corpus
 from charlm.data import Batcher, as_tensor, load_corpus, split
@@ -80,26 +80,32 @@ def train(
     progress: bool | None = None,
     dist: Dist | None = None,
     monitors: list[Monitor] | None = None,
+    keep: frozenset[str] = frozenset(),
 ) -> TrainResult:
     """Train a model on ``text_path``; ``resume`` and ``init_from`` are loaded checkpoints.
 
     ``progress``: a progress bar (True), plain log lines (False), or the bar only when
     stderr is a terminal (None). ``monitors`` replace that console output when given;
     metrics.jsonl is always written, and TensorBoard logs with ``train.tensorboard``.
+    A new run with a time budget and ``train.size = "auto"`` sizes itself
+    (:mod:`charlm.sizing`), keeping the config fields named in ``keep``.
     """
     validate(cfg)
     dist = dist or Dist()
     main = dist.rank == 0
     with _out_of_gpu_memory(cfg):
         report = Monitors(_monitors(cfg, progress, monitors) if main else [])
-        run = setup(text_path, cfg, resume, init_from, allow_other_data, drop_unknown, dist)
+        run = setup(text_path, cfg, resume, init_from, allow_other_data, drop_unknown, dist, keep)
         state = TrainState(loss_sum=torch.zeros((), device=run.device))
+        if run.sizing is not None:  # the seconds spent choosing count in the budget
+            state.elapsed = run.sizing.measure_seconds
         if resume is not None:
             run.notes += restore(resume, state, run.batcher, run.optimizer, cfg, dist,
                                  run.device, run.scaler)
 
         stem = Path(run.source_info["name"]).stem
-        with run_directory(out_dir, resume is not None, stem, cfg.model.cell, to_toml(cfg),
+        recorded = sizing.comment(run.sizing) + to_toml(cfg)
+        with run_directory(out_dir, resume is not None, stem, cfg.model.cell, recorded,
                            create=main) as run_dir, report:
             # The first collective: a setup error on any rank (including the run directory
             # on rank 0) is reported there once, and every rank stops.
@@ -162,7 +168,7 @@ def _monitors(cfg: Config, progress: bool | None, given: list[Monitor] | None) -
 
 def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
           init_from: dict[str, Any] | None, allow_other_data: bool, drop_unknown: bool,
-          dist: Dist) -> Setup:
+          dist: Dist, keep: frozenset[str] = frozenset()) -> Setup:
     """Device, precision, data, batcher, model (with a checkpoint's weights), optimizer and
     gradient scaler of a run. Every process runs it before the first collective."""
     tc = cfg.train
@@ -203,6 +209,14 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
             else "were read as \\n (--set data.newline=keep keeps them)"))
     vocab = corpus.vocab
     train_np, val_np = split(corpus.ids, cfg.data.val_fraction)
+    choice = None
+    if base is None and sizing.wanted(cfg):
+        if dist.world > 1:
+            raise ConfigError(
+                "automatic sizing (a time budget and no shape) runs in one process; under "
+                "torchrun give the shape (--config, --hidden-size, ...) or --size fixed")
+        choice = sizing.size(tc.max_time, len(train_np), len(vocab), device, precision)
+        sizing.apply(choice, cfg, keep)
     check_split(train_np, val_np, corpus.source.name, cfg, dist.world)
     train_ids, val_ids = as_tensor(train_np, device), as_tensor(val_np, device)
     batcher = Batcher(train_ids, tc.batch_size * dist.world, tc.seq_len, tc.seed, dist.rank,
@@ -227,7 +241,7 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=plan.loss_scaling),
         amp=autocast(device, precision), plan=plan,
         sample_seed=vocab.decode(train_np[: min(8, len(train_np))]),
-        notes=notes, vocab_growth=checkpoint.growth_of(base),
+        notes=notes, vocab_growth=checkpoint.growth_of(base), sizing=choice,
     )
 
 
@@ -276,6 +290,7 @@ def header(run: Setup, state: TrainState, run_dir: Path, resumed: bool) -> Heade
                        run.batcher.steps_per_epoch).describe(),
         run_dir=run_dir, start_step=state.step, max_steps=tc.max_steps, resumed=resumed,
         best_val_loss=state.best_val_loss, notes=list(run.notes),
+        sizing=run.sizing.reason() if run.sizing else "",
     )
 
 
@@ -287,7 +302,8 @@ def run(path: str | os.PathLike | None = None, *, config: str | os.PathLike | No
     field by name (``cell="gru"``, ``hidden_size=128``, ``max_steps=500``, ``lr=2e-3``, ...);
     ``out`` is the run directory (default ``runs/<stem>-<cell>``). Returns a
     :class:`TrainResult` (``run_dir``, ``step``, ``best_val_loss``, ``chars_per_sec``, ...)."""
-    cfg = load_toml(config) if config is not None else Config()
+    given: set[str] = set()
+    cfg = load_toml(config, given=given) if config is not None else Config()
     sections = {f.name: section for section in ("model", "data", "train")
                 for f in fields(getattr(cfg, section))}
     for name, value in overrides.items():
@@ -295,8 +311,10 @@ def run(path: str | os.PathLike | None = None, *, config: str | os.PathLike | No
             raise ConfigError(f"charlm.train(): unknown option {name!r}; valid options: "
                               + ", ".join(sections))
         apply_dict(cfg, {sections[name]: {name: value}}, source="charlm.train()")
+        given.add(f"{sections[name]}.{name}")
+    keep = sizing.settle(cfg, given)
     text = Path(path) if path is not None else default_corpus()
-    return train(text, cfg, out_dir=out, progress=progress)
+    return train(text, cfg, out_dir=out, progress=progress, keep=keep)
 
 
 class _CallableModule(ModuleType):

@@ -1,0 +1,223 @@
+"""Automatic sizing (``--size auto``): the choice from measured speeds, when it runs, what it
+records, and its errors. Most tests inject the speeds (``sizing.measure`` replaced), so that
+they are exact and quick; one runs the real command and measures."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CONFIG, assert_clean_error, run_charlm, run_cli
+
+from charlm import sizing
+from charlm.config import Config, load_toml
+from charlm.model import build_model
+
+RULE = sizing.Rule.load()
+BY_NAME = {s.name: s for s in sizing.LADDER}
+
+
+def speeds_of(**chars_per_sec: float) -> dict[sizing.Shape, float]:
+    return {BY_NAME[name]: v for name, v in chars_per_sec.items()}
+
+
+@pytest.fixture
+def injected(monkeypatch):
+    """Replace the timing of shapes with given speeds; returns the dict to fill (by name)."""
+    table: dict[str, float] = {}
+
+    def fake(shape, vocab_size, device, precision, **_):
+        if shape.name not in table:
+            raise torch.OutOfMemoryError("not offered by this test")
+        return table[shape.name]
+
+    monkeypatch.setattr(sizing, "measure", fake)
+    return table
+
+
+def test_the_shipped_rule_loads_and_is_fitted():
+    data = json.loads(sizing.RULE_FILE.read_text())
+    assert "provisional" not in data["fitted_on"]
+    assert 0 < RULE.usable <= 1 and RULE.alpha > 0 and RULE.beta > 0 and 0 <= RULE.kappa < 1
+
+
+@pytest.mark.parametrize("shape", sizing.LADDER[:6], ids=lambda s: s.name)
+def test_parameter_count_matches_the_model(shape):
+    with torch.device("meta"):
+        model = build_model(65, shape.model_config())
+    assert shape.parameters(65) == model.num_parameters()
+
+
+def test_the_choice_is_a_function_of_the_measured_speeds():
+    speeds = speeds_of(gru256=70e3, lstm256=170e3, gru384=53e3, lstm384=75e3, lstm512=51e3)
+    a = sizing.choose(speeds, 180, 1_000_000, 65, RULE)
+    b = sizing.choose(dict(reversed(list(speeds.items()))), 180, 1_000_000, 65, RULE)
+    assert a is not None and (a.shape, a.dropout, a.lr) == (b.shape, b.dropout, b.lr)
+    assert a.epochs == pytest.approx(a.speed * 180 * RULE.usable / 1_000_000)
+
+
+def test_more_time_or_a_faster_machine_never_picks_a_smaller_model():
+    speeds = speeds_of(lstm256=170e3, lstm384=75e3, lstm512=51e3, lstm768=30e3, lstm1024=15e3)
+    sizes = [sizing.choose(speeds, t, 4_500_000, 100, RULE).shape.parameters(100)
+             for t in (30, 60, 180, 600, 1800, 7200)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    faster = {s: 10 * v for s, v in speeds.items()}
+    assert (sizing.choose(faster, 180, 4_500_000, 100, RULE).shape.parameters(100)
+            >= sizing.choose(speeds, 180, 4_500_000, 100, RULE).shape.parameters(100))
+
+
+def test_dropout_grows_with_the_epochs():
+    drops = [sizing.best_dropout(1e6, e * 1e6, 1e6, RULE)[0] for e in (0.5, 1, 3, 10, 30, 100)]
+    assert drops == sorted(drops) and drops[0] == 0.0 and drops[-1] > 0.0
+
+
+def test_the_law_in_charlm_is_the_law_that_was_fitted():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "sizing"))
+    import fit
+
+    p = {k: torch.tensor(getattr(RULE, k), dtype=torch.float64) for k in fit.NAMES}
+    t = lambda x: torch.tensor([float(x)], dtype=torch.float64)  # noqa: E731
+    for N, C, D, d in [(3e5, 5e5, 1e6, 0.0), (1e6, 3e7, 1e6, 0.2), (4e6, 9e6, 4.5e6, 0.1)]:
+        fitted = float(fit.law(p, t(0.0), t(N), t(C), t(D), t(d)))
+        assert sizing.predicted_loss(N, C, D, d, RULE) == pytest.approx(fitted, rel=1e-9)
+
+
+def test_a_budget_no_shape_can_use_names_the_smallest_that_works(injected):
+    injected.update(gru256=20e3, lstm256=40e3)
+    cpu = torch.device("cpu")
+    with pytest.raises(sizing.CharlmError) as err:
+        sizing.size(3.0, 1_000_000, 65, cpu, "fp32", RULE)
+    named = float(re.search(r"give --max-time (\S+) or more", str(err.value)).group(1))
+    assert named == sizing.smallest_budget(speeds_of(gru256=20e3, lstm256=40e3), RULE, 0.0)
+    assert sizing.size(named, 1_000_000, 65, cpu, "fp32", RULE).shape.name == "lstm256"
+    with pytest.raises(sizing.CharlmError):
+        sizing.size(named - 1, 1_000_000, 65, cpu, "fp32", RULE)
+
+
+def test_timing_stops_when_bigger_shapes_stop_helping(injected):
+    injected.update({s.name: 1e9 / s.parameters(65) for s in sizing.LADDER})  # fast big models
+    many = sizing.size(600, 1_000_000, 65, torch.device("cpu"), "fp32", RULE)
+    injected.clear()
+    injected.update({s.name: 1e12 / s.parameters(65) ** 1.5 for s in sizing.LADDER})  # slow ones
+    few = sizing.size(600, 1_000_000, 65, torch.device("cpu"), "fp32", RULE)
+    assert len(few.measured) < len(many.measured)
+
+
+@pytest.mark.parametrize("key", sizing.SHAPE_KEYS)
+def test_any_shape_field_turns_sizing_off(key):
+    cfg = Config()
+    cfg.train.max_time = 60
+    sizing.settle(cfg, {key})
+    assert cfg.train.size == "fixed" and not sizing.wanted(cfg)
+
+
+def test_sizing_is_for_the_front_ends_a_config_built_in_python_keeps_its_shape():
+    cfg = Config()
+    cfg.train.max_time = 60
+    assert not sizing.wanted(cfg)
+    sizing.settle(cfg, {"train.max_time"})
+    assert sizing.wanted(cfg)
+    cfg.train.size = "fixed"
+    sizing.settle(cfg, {"train.max_time", "train.size"})
+    assert not sizing.wanted(cfg)
+
+
+def test_with_sizing_the_budget_is_the_limit_and_given_values_stay():
+    cfg = Config()
+    cfg.train.max_time = 60
+    keep = sizing.settle(cfg, {"train.max_time", "train.lr"})
+    assert sizing.wanted(cfg) and cfg.train.max_steps == 0 and keep == {"train.lr"}
+    cfg.train.lr = 1e-3
+    choice = sizing.choose(speeds_of(lstm256=100e3), 60, 1_000_000, 65, RULE)
+    sizing.apply(choice, cfg, keep)
+    assert (cfg.model.cell, cfg.model.hidden_size, cfg.train.lr) == ("lstm", 256, 1e-3)
+    assert cfg.train.size == "fixed" and cfg.train.warmup_steps == sizing.SCHEDULE["train.warmup_steps"]
+    given = Config()
+    given.train.max_time, given.train.max_steps = 60, 500
+    sizing.settle(given, {"train.max_time", "train.max_steps"})
+    assert given.train.max_steps == 500
+
+
+def _budget_args(tmp_path: Path, *extra: str) -> list:
+    # tiny.toml without its shape: precision and device only (TINY_CONFIG sets a shape)
+    cfg = load_toml(TINY_CONFIG)
+    base = tmp_path / "budget.toml"
+    base.write_text(f'[train]\nprecision = "{cfg.train.precision}"\ndevice = "cpu"\n'
+                    "threads = 1\neval_streams = 8\neval_seq_len = 64\n")
+    return ["--config", base, "--no-progress", "--no-samples", *extra]
+
+
+def test_the_header_and_config_record_the_choice(tmp_path, text_file, injected):
+    injected.update(gru256=2e5, lstm256=3e6)
+    run = tmp_path / "run"
+    proc = run_cli("train", text_file, *_budget_args(tmp_path, "--max-time", "3",
+                                                     "--out", run))
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("size: automatic: "))
+    assert "LSTM 256, batch 32 x 64" in line and "chars/s here" in line and "epochs in 3 s" in line
+    recorded = (run / "config.toml").read_text()
+    assert recorded.startswith("# Chosen by automatic sizing for 3 s: LSTM 256")
+    cfg = load_toml(run / "config.toml")
+    assert (cfg.model.cell, cfg.model.hidden_size, cfg.train.batch_size, cfg.train.size) == (
+        "lstm", 256, 32, "fixed")
+    assert cfg.train.max_steps == 0 and cfg.train.max_time == 3
+
+
+def test_a_shape_option_or_size_fixed_trains_the_given_shape(tmp_path, text_file, injected):
+    injected.update(gru256=2e5, lstm256=3e6)
+    for extra in (["--hidden-size", "24"], ["--size", "fixed"], ["--set", "train.seq_len=32"]):
+        run = tmp_path / extra[-1].replace("=", "_")
+        proc = run_cli("train", text_file, *_budget_args(tmp_path, "--max-time", "2",
+                                                         "--max-steps", "5", "--out", run, *extra))
+        assert proc.returncode == 0, proc.stderr
+        assert "size: automatic" not in proc.stderr
+        assert 'size = "fixed"' in (run / "config.toml").read_text() or extra[0] != "--size"
+
+
+def test_a_config_file_with_a_shape_turns_sizing_off(tmp_path, text_file, injected):
+    proc = run_cli("train", text_file, "--config", TINY_CONFIG, "--max-time", "2", "--max-steps",
+                   "5", "--no-progress", "--no-samples", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert "size: automatic" not in proc.stderr and not injected
+
+
+def test_a_resumed_run_keeps_its_shape(tmp_path, text_file, injected):
+    injected.update(gru256=2e5, lstm256=3e6)
+    run = tmp_path / "run"
+    first = run_cli("train", text_file, *_budget_args(tmp_path, "--max-time", "30",
+                                                      "--stop-at-step", "5", "--out", run))
+    assert first.returncode == 0, first.stderr
+    before = load_toml(run / "config.toml")
+    injected.clear()
+    injected.update(gru256=3e6, lstm256=2e5)  # a different machine would choose otherwise
+    again = run_cli("train", text_file, "--resume", run, "--stop-at-step", "8", "--no-progress",
+                    "--no-samples")
+    assert again.returncode == 0, again.stderr
+    assert "size: automatic" not in again.stderr and "resuming at step 5" in again.stderr
+    assert load_toml(run / "config.toml") == before and before.model.cell == "lstm"
+
+
+def test_dry_run_says_the_shape_is_chosen_at_the_start(tmp_path, text_file):
+    proc = run_charlm("train", text_file, *_budget_args(tmp_path, "--max-time", "60", "--dry-run"))
+    assert proc.returncode == 0, proc.stderr
+    assert "chosen for the 60 s budget when training starts" in proc.stderr
+    assert 'size = "auto"' in proc.stdout and "max_steps = 0" in proc.stdout
+
+
+def test_the_real_command_sizes_itself(tmp_path, text_file):
+    run = tmp_path / "run"
+    proc = run_charlm("train", text_file, *_budget_args(tmp_path, "--max-time", "12", "--out", run))
+    assert proc.returncode == 0, proc.stderr
+    assert "size: automatic: " in proc.stderr
+    assert load_toml(run / "config.toml").train.size == "fixed"
+
+
+def test_the_real_command_refuses_a_budget_too_small(tmp_path, text_file):
+    proc = run_charlm("train", text_file, *_budget_args(tmp_path, "--max-time", "0.5",
+                                                        "--out", tmp_path / "run"))
+    assert_clean_error(proc, "too short to train any model here", "give --max-time ")
+    assert not (tmp_path / "run").exists()
