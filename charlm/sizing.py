@@ -174,6 +174,11 @@ MEASURE_SHARE = 0.05  # of the budget, at most, spent measuring (after the first
 # The choices of dropout: 0 to 0.25, the range the sweeps measured (the law, fitted on two
 # dropout pairs, would take more where nothing measured backs it).
 DROPOUTS = tuple(round(0.05 * k, 2) for k in range(6))
+# Dropout helped in every sweep pair of a model with 1.2 or more parameters per character of
+# text (LSTM 512 at 32 epochs, LSTM 1024 at 8) and hurt models of 0.35-0.55 (README, how
+# configs/cpu.toml was chosen: dropout 0.1 cost 0.02-0.03 at 4-8 epochs): the law has no term
+# for capacity, so below this it gets none.
+DROPOUT_FROM = 1.0
 
 
 @dataclass(frozen=True)
@@ -219,8 +224,9 @@ def predicted_loss(params: float, chars: float, text_chars: float, dropout: floa
 
 def best_dropout(params: float, chars: float, text_chars: float, rule: Rule) -> tuple[float, float]:
     """(dropout, predicted loss): the dropout in DROPOUTS the law likes best, the smallest
-    on a tie. More epochs, more dropout."""
-    return min(((predicted_loss(params, chars, text_chars, d, rule), d) for d in DROPOUTS),
+    on a tie; none for a model under DROPOUT_FROM parameters per character of text."""
+    choices = DROPOUTS if params >= DROPOUT_FROM * text_chars else (0.0,)
+    return min(((predicted_loss(params, chars, text_chars, d, rule), d) for d in choices),
                key=lambda ld: (round(ld[0], 9), ld[1]))[::-1]
 
 
