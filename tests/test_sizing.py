@@ -99,7 +99,7 @@ def test_a_budget_no_shape_can_use_names_the_smallest_that_works(injected):
 
 
 def test_timing_stops_when_bigger_shapes_stop_helping(injected):
-    injected.update({s.name: 1e9 / s.parameters(65) for s in sizing.LADDER})  # fast big models
+    injected.update({s.name: 1e12 / s.parameters(65) for s in sizing.LADDER})  # fast big models
     many = sizing.size(600, 1_000_000, 65, torch.device("cpu"), "fp32", RULE)
     injected.clear()
     injected.update({s.name: 1e12 / s.parameters(65) ** 1.5 for s in sizing.LADDER})  # slow ones
