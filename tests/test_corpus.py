@@ -43,8 +43,9 @@ def test_bundled_copy_is_tiny_shakespeare():
 
 
 def test_package_data_is_declared():
-    # What puts the file into wheels (and editable installs) besides the checkout.
-    assert 'charlm = ["corpora/*.txt"]' in (REPO / "pyproject.toml").read_text()
+    # What puts the files into wheels (and editable installs) besides the checkout: the
+    # corpus, and the fitted rule of automatic sizing.
+    assert 'charlm = ["corpora/*.txt", "sizing_rule.json"]' in (REPO / "pyproject.toml").read_text()
 
 
 def test_train_without_file_needs_no_network(tmp_path):
