@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charlm.cells import CELLS
-from charlm.config import Config, ModelConfig
+from charlm.config import Config
 from charlm.device import resolve_device, resolve_precision, set_threads
 from charlm.model import build_model
 from charlm.monitors import TrainLogs
 from charlm.sample import generate
+from charlm.sizing import train_flops_per_char
 from charlm.vocab import Vocab
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,17 +74,6 @@ def matmul_gflops(device: torch.device, precision: str, n: int = 2048, seconds: 
         best = max(best, 2 * n**3 / dt / 1e9)
         if time.perf_counter() > deadline:
             return best
-
-
-def train_flops_per_char(cfg: ModelConfig, vocab_size: int) -> float:
-    """Matrix arithmetic of one training character: forward + backward = 3x forward."""
-    gates = CELLS[cfg.cell].gates
-    forward = 0
-    for k in range(cfg.num_layers):
-        inputs = cfg.embed_size if k == 0 else cfg.hidden_size
-        forward += 2 * gates * cfg.hidden_size * (inputs + cfg.hidden_size)
-    forward += 2 * cfg.hidden_size * vocab_size
-    return 3.0 * forward
 
 
 def synthetic_text(chars: int, vocab_size: int = 65, seed: int = 0) -> str:

@@ -24,6 +24,9 @@ How it decides (``--size auto``, when a run has a time budget and no shape was g
 The choice is a pure function of the measured speeds (inject them to test it), and the run
 records it in ``config.toml`` with ``size = "fixed"``, so a rerun from that file or a resume
 trains the same shape.
+
+Over 300 lines: one decision, read in order: the candidates and their timing, the fitted law,
+the choice, and what the front ends set around it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from charlm.cells import CELLS
 from charlm.config import Config, ModelConfig
 from charlm.device import amp_plan
 from charlm.errors import CharlmError
@@ -113,10 +117,18 @@ def learning_rate(shape: Shape) -> float:
     return round(4e-3 * min(1.0, (512 / shape.hidden_size) ** 0.5), 5)
 
 
-def train_flops(shape: Shape, vocab_size: int) -> float:
-    """Matrix arithmetic per training character (forward and backward)."""
-    from charlm.bench import train_flops_per_char
+def train_flops_per_char(cfg: ModelConfig, vocab_size: int) -> float:
+    """Matrix arithmetic of one training character: forward + backward = 3x forward."""
+    gates = CELLS[cfg.cell].gates
+    forward = 0
+    for k in range(cfg.num_layers):
+        inputs = cfg.embed_size if k == 0 else cfg.hidden_size
+        forward += 2 * gates * cfg.hidden_size * (inputs + cfg.hidden_size)
+    forward += 2 * cfg.hidden_size * vocab_size
+    return 3.0 * forward
 
+
+def train_flops(shape: Shape, vocab_size: int) -> float:
     return train_flops_per_char(shape.model_config(), vocab_size)
 
 
