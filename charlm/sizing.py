@@ -9,8 +9,8 @@ How it decides (``--size auto``, when a run has a time budget and no shape was g
    the budget.
 2. Each candidate would see ``chars/s x seconds left`` characters. :func:`predicted_loss`
    turns that, the text's size and the candidate's size into an expected validation loss with
-   a law fitted to sweeps (``benchmarks/sizing/``: the sweep runs, the fitting script and
-   the fitted numbers, which are :data:`RULE` below):
+   a law fitted to sweeps (``benchmarks/sizing/``: the sweep runs and the fitting script,
+   which writes the fitted numbers to ``sizing_rule.json``, read by :class:`Rule`):
 
        loss = E + A / N^alpha + B / C_eff^beta
 
@@ -44,9 +44,9 @@ import torch.nn.functional as F
 
 from charlm.cells import CELLS
 from charlm.config import Config, ModelConfig
-from charlm.device import amp_plan
+from charlm.device import amp_plan, autocast
 from charlm.errors import CharlmError
-from charlm.model import build_model
+from charlm.model import build_model, parameter_shapes
 from charlm.schedule import make_optimizer
 
 # The schedule the sweeps ran with (configs/cpu.toml's), set with the chosen shape.
@@ -85,12 +85,8 @@ class Shape:
 
     def parameters(self, vocab_size: int) -> int:
         """Parameters of this shape's model over a vocabulary of ``vocab_size``."""
-        gates = {"rnn": 1, "gru": 3, "lstm": 4}[self.cell]
-        n = vocab_size * self.embed_size + self.hidden_size * vocab_size + vocab_size
-        for layer in range(self.num_layers):
-            inputs = self.embed_size if layer == 0 else self.hidden_size
-            n += gates * self.hidden_size * (inputs + self.hidden_size + 2)
-        return n
+        shapes = parameter_shapes(vocab_size, self.model_config())
+        return sum(math.prod(shape) for shape in shapes.values())
 
 
 def _shape(cell: str, hidden: int, layers: int = 1, batch: int = 32, seq: int = 64) -> Shape:
@@ -145,8 +141,7 @@ def measure(shape: Shape, vocab_size: int, device: torch.device, precision: str,
     plan = amp_plan(precision, device, shape.cell)
     opt = make_optimizer(model, Config().train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.loss_scaling)
-    cast = (torch.autocast(device.type, dtype=plan.autocast_dtype) if plan.autocast_dtype
-            else torch.autocast(device.type, enabled=False))
+    cast = autocast(device, precision)  # the context the run's own steps enter
     B, T = shape.batch_size, shape.seq_len
     x, y = ids[:, :-1], ids[:, 1:]
 
@@ -267,9 +262,9 @@ def _k(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}k" if x >= 1e4 else f"{x:,.0f}"
 
 
-def candidates(text_chars: int, world: int = 1) -> list[Shape]:
+def candidates(text_chars: int) -> list[Shape]:
     """The shapes whose batch fits in the text's training split."""
-    return [s for s in LADDER if s.batch_size * world * s.seq_len + 1 <= text_chars]
+    return [s for s in LADDER if s.batch_size * s.seq_len + 1 <= text_chars]
 
 
 def choose(speeds: dict[Shape, float], seconds: float, text_chars: int, vocab_size: int,
@@ -297,15 +292,14 @@ def smallest_budget(speeds: dict[Shape, float], rule: Rule, measure_seconds: flo
 
 
 def size(budget: float, text_chars: int, vocab_size: int, device: torch.device,
-         precision: str, rule: Rule | None = None, world: int = 1,
-         timer=time.perf_counter) -> Choice:
+         precision: str, rule: Rule | None = None, timer=time.perf_counter) -> Choice:
     """Time the candidates here and choose (the module docstring has the method). Shapes are
     timed from small to large, and the timing stops once two in a row are predicted worse
     than the best so far, or at MEASURE_SHARE of the budget; the time spent is counted in
     the budget. Raises :class:`CharlmError` naming the smallest workable budget when no shape
     fits in ``budget``."""
     rule = rule or Rule.load()
-    shapes = candidates(text_chars, world)
+    shapes = candidates(text_chars)
     if not shapes:
         raise CharlmError(f"the text is too short for automatic sizing ({text_chars:,} training "
                           "characters); give a shape (--batch-size, --seq-len) or --size fixed")
@@ -336,14 +330,12 @@ def size(budget: float, text_chars: int, vocab_size: int, device: torch.device,
             break
     spent = timer() - start
     choice = choose(speeds, budget - spent, text_chars, vocab_size, rule, spent)
-    if choice is not None:
-        return dataclasses.replace(choice, seconds=budget)
     if choice is None:
         raise CharlmError(
             f"a budget of {budget:g} s is too short to train any model here: the fastest shape "
             f"needs {MIN_STEPS} steps; give --max-time {smallest_budget(speeds, rule, spent):g} "
             "or more, or a shape (--size fixed)")
-    return choice
+    return dataclasses.replace(choice, seconds=budget)
 
 
 # ------------------------------------------------------------------ what the front ends use

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 CODE_CHARS = 5_000_000
@@ -35,46 +36,42 @@ def read(path: Path) -> str | None:
         return None
 
 
-def build_code(paths: list[Path], limit: int) -> str:
+def gather(paths: list[Path], limit: int, pieces: Callable[[str], list[str]]) -> str:
+    """The first ``limit`` characters of ``pieces(text)`` over the readable files, in order."""
     parts, size = [], 0
     for p in paths:
         text = read(p)
         if text is None:
             continue
-        parts.append(text)
-        size += len(text)
+        for piece in pieces(text):
+            parts.append(piece)
+            size += len(piece)
         if size >= limit:
             break
     return "".join(parts)[:limit]
 
 
-def build_docs(paths: list[Path], limit: int) -> str:
-    parts, size = [], 0
-    for p in paths:
-        text = read(p)
-        if text is None:
-            continue
-        try:
-            tree = ast.parse(text)
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 40:
-                    parts.append(doc.strip() + "\n\n")
-                    size += len(parts[-1])
-        if size >= limit:
-            break
-    return "".join(parts)[:limit]
+def docstrings(text: str) -> list[str]:
+    """A module's docstrings over 40 characters, each followed by a blank line."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 40:
+                found.append(doc.strip() + "\n\n")
+    return found
 
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
     out.mkdir(parents=True, exist_ok=True)
     paths = sources()
-    for name, text in (("stdlib_code.txt", build_code(paths, CODE_CHARS)),
-                       ("stdlib_docs.txt", build_docs(paths, DOCS_CHARS))):
+    for name, text in (("stdlib_code.txt", gather(paths, CODE_CHARS, lambda text: [text])),
+                       ("stdlib_docs.txt", gather(paths, DOCS_CHARS, docstrings))):
         (out / name).write_text(text, encoding="utf-8")
         print(f"{out / name}: {len(text):,} characters, {len(set(text))} distinct")
 
