@@ -7,14 +7,17 @@ How it decides (``--size auto``, when a run has a time budget and no shape was g
    this device, in the run's precision (the real model, optimizer, autocast and loss; random
    characters, as speed does not depend on them). That takes a few seconds, counted inside
    the budget.
-2. Each candidate would see ``chars/s x seconds left`` characters. :func:`predicted_loss`
+2. Each candidate would see ``chars/s x seconds it trains`` characters: the seconds left,
+   less its evaluations (:func:`training_seconds`: the run evaluates the validation split
+   about twelve times, which costs a slow model a larger share). :func:`predicted_loss`
    turns that, the text's size and the candidate's size into an expected validation loss with
    a law fitted to sweeps (``benchmarks/sizing/``: the sweep runs and the fitting script,
    which writes the fitted numbers to ``sizing_rule.json``, read by :class:`Rule`):
 
-       loss = E + A / N^alpha + B / C_eff^beta
+       loss = E + A / (g N)^alpha + B / C_eff^beta
 
-   ``N`` is the number of parameters, ``C_eff`` the characters seen, discounted once they
+   ``N`` is the number of parameters (``g`` what a parameter of the cell is worth: 1 for an
+   LSTM, fitted for a GRU), ``C_eff`` the characters seen, discounted once they
    repeat: past one epoch a repeated character is worth less, the more so the more epochs
    (``R``, larger with dropout, which also slows learning a little). ``E`` is the text's own
    entropy; it is the same for every candidate, so the choice does not depend on it.
@@ -46,7 +49,9 @@ from charlm.cells import CELLS
 from charlm.config import Config, ModelConfig
 from charlm.device import amp_plan, autocast
 from charlm.errors import CharlmError
+from charlm.evaluate import loss_sums
 from charlm.model import build_model, parameter_shapes
+from charlm.pacing import EVALS, MAX_EVAL_SHARE
 from charlm.schedule import make_optimizer
 
 # The schedule the sweeps ran with (configs/cpu.toml's), set with the chosen shape.
@@ -94,16 +99,15 @@ def _shape(cell: str, hidden: int, layers: int = 1, batch: int = 32, seq: int = 
 
 
 # From small to large. GRU and LSTM both: on CPUs with native bf16, autocast runs an LSTM in
-# bf16 but leaves a GRU in fp32, so which is faster depends on the machine.
+# bf16 but leaves a GRU in fp32, so which is faster depends on the machine. Up to the sizes
+# the sweeps measured (one layer, 1,024 units): the law, fitted there, misjudged a 2-layer
+# LSTM of 13M parameters (README, "Choosing the model for a time budget").
 LADDER: tuple[Shape, ...] = (
     _shape("gru", 256), _shape("lstm", 256),
     _shape("gru", 384), _shape("lstm", 384),
     _shape("gru", 512), _shape("lstm", 512),
     _shape("gru", 768, batch=64), _shape("lstm", 768, batch=64),
     _shape("gru", 1024, batch=64), _shape("lstm", 1024, batch=64),
-    _shape("lstm", 1024, layers=2, batch=128, seq=128),
-    _shape("lstm", 1024, layers=3, batch=128, seq=256),
-    _shape("lstm", 1536, layers=3, batch=256, seq=256),
 )
 
 
@@ -128,48 +132,77 @@ def train_flops(shape: Shape, vocab_size: int) -> float:
     return train_flops_per_char(shape.model_config(), vocab_size)
 
 
-def measure(shape: Shape, vocab_size: int, device: torch.device, precision: str,
-            seconds: float = 0.4, min_steps: int = 3) -> float:
-    """Training chars/s of ``shape`` here: optimizer steps of the real model, optimizer,
-    autocast and loss on random characters, after one untimed step; at least ``min_steps``
-    steps and ``seconds`` seconds are timed, and the median step counts (a virtual machine's
-    first touches of new memory and a neighbour's burst make single steps slow)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)  # the run's own random streams stay as they were
-        model = build_model(vocab_size, shape.model_config()).to(device)
-        ids = torch.randint(0, vocab_size, (shape.batch_size, shape.seq_len + 1), device=device)
-    plan = amp_plan(precision, device, shape.cell)
-    opt = make_optimizer(model, Config().train, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=plan.loss_scaling)
-    cast = autocast(device, precision)  # the context the run's own steps enter
-    B, T = shape.batch_size, shape.seq_len
-    x, y = ids[:, :-1], ids[:, 1:]
+@dataclass(frozen=True)
+class Speed:
+    """What :func:`measure` times, in characters per second."""
 
-    def step() -> None:
-        with cast:
-            logits, _ = model(x, model.init_state(B))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+    train: float  # training steps without dropout
+    dropout: float  # with dropout (its masks cost a GRU 768 17% here); ``train`` if not timed
+    evaluate: float  # evaluation: forward only, long windows, many streams
+
+    def eval_seconds(self, val_chars: int) -> float:
+        """Seconds a run spends evaluating ``val_chars`` about EVALS times."""
+        return EVALS * val_chars / self.evaluate
+
+
+def measure(shape: Shape, vocab_size: int, device: torch.device, precision: str,
+            seconds: float = 0.4, min_steps: int = 3, dropout: bool = False,
+            eval_streams: int = 64) -> Speed:
+    """Chars/s of ``shape`` here: optimizer steps of the real model, optimizer, autocast and
+    loss on random characters, after one untimed step; at least ``min_steps`` steps and
+    ``seconds`` seconds are timed, and the median step counts (a virtual machine's first
+    touches of new memory and a neighbour's burst make single steps slow). With ``dropout``,
+    the steps are timed again (half as long) with dropout on. Evaluation is timed with the run's own
+    :func:`charlm.evaluate.loss_sums` on ``eval_streams`` streams (the faster of two)."""
+    def train_speed(p: float, seconds: float) -> tuple[float, float]:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)  # the run's own random streams stay as they were
+            model = build_model(vocab_size, shape.model_config(p)).to(device)
+            ids = torch.randint(0, vocab_size, (shape.batch_size, shape.seq_len + 1),
+                                device=device)
+            opt = make_optimizer(model, Config().train, device)
+            scaler = torch.amp.GradScaler(device.type, enabled=plan.loss_scaling)
+            x, y = ids[:, :-1], ids[:, 1:]
+
+            def step() -> None:
+                with cast:
+                    logits, _ = model(x, model.init_state(B))
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+
+            step()
+            sync()
+            times: list[float] = []
+            start = time.perf_counter()
+            while len(times) < min_steps or time.perf_counter() - start < seconds:
+                t = time.perf_counter()
+                step()
+                sync()
+                times.append(time.perf_counter() - t)
+            evaluated = torch.randint(0, vocab_size, (eval_streams * 64 + 1,), device=device)
+            spans = []
+            for _ in range(2):
+                t = time.perf_counter()
+                loss_sums(model, evaluated, eval_streams, 64, cast)
+                sync()
+                spans.append(time.perf_counter() - t)
+        return B * T / statistics.median(times), eval_streams * 64 / min(spans)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    step()
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_steps or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    return B * T / statistics.median(times)
+    plan = amp_plan(precision, device, shape.cell)
+    cast = autocast(device, precision)  # the context the run's own steps enter
+    B, T = shape.batch_size, shape.seq_len
+    train, evaluate = train_speed(0.0, seconds)
+    dropped = train_speed(0.1, seconds / 2)[0] if dropout else train
+    return Speed(train, dropped, evaluate)
 
 
 # ------------------------------------------------------------------------------ the rule
@@ -188,11 +221,17 @@ DROPOUTS = tuple(round(0.05 * k, 2) for k in range(6))
 DROPOUT_FROM = 1.0
 
 
+def training_seconds(seconds: float, eval_seconds: float) -> float:
+    """Of a run of ``seconds``, those it trains: the rest goes to its evaluations, which
+    would take ``eval_seconds`` but at most MAX_EVAL_SHARE of the time
+    (:class:`charlm.pacing.Pacer`'s plan)."""
+    return max(seconds * (1.0 - MAX_EVAL_SHARE), seconds - eval_seconds)
+
+
 @dataclass(frozen=True)
 class Rule:
     """The fitted law (see the module docstring and ``benchmarks/sizing/fit.py``, which
-    writes it); ``usable`` is the share of the budget spent training (the rest: evaluations
-    and checkpoints)."""
+    writes it)."""
 
     A: float
     alpha: float
@@ -201,7 +240,10 @@ class Rule:
     R: float  # how many epochs' worth repeated data is at most worth, without dropout
     rho: float  # dropout d multiplies R by (1 + rho d)
     kappa: float  # and each character's worth by (1 - kappa d)
-    usable: float
+    gru: float  # what a GRU parameter is worth, in LSTM parameters
+
+    def worth(self, cell: str) -> float:
+        return self.gru if cell == "gru" else 1.0
 
     @classmethod
     def load(cls, path: Path = RULE_FILE) -> Rule:
@@ -223,18 +265,25 @@ def effective_chars(chars: float, text_chars: float, dropout: float, rule: Rule)
 
 
 def predicted_loss(params: float, chars: float, text_chars: float, dropout: float,
-                   rule: Rule) -> float:
+                   rule: Rule, cell: str = "lstm") -> float:
     """Expected validation loss above the text's own entropy (which every candidate shares)."""
     c = max(effective_chars(chars, text_chars, dropout, rule), 1.0)
-    return rule.A / params**rule.alpha + rule.B / c**rule.beta
+    return rule.A / (rule.worth(cell) * params)**rule.alpha + rule.B / c**rule.beta
 
 
-def best_dropout(params: float, chars: float, text_chars: float, rule: Rule) -> tuple[float, float]:
+def takes_dropout(params: float, text_chars: float) -> bool:
+    return params >= DROPOUT_FROM * text_chars
+
+
+def best_dropout(params: float, chars: float, text_chars: float, rule: Rule,
+                 cell: str = "lstm", dropped_chars: float | None = None) -> tuple[float, float]:
     """(dropout, predicted loss): the dropout in DROPOUTS the law likes best, the smallest
-    on a tie; none for a model under DROPOUT_FROM parameters per character of text."""
-    choices = DROPOUTS if params >= DROPOUT_FROM * text_chars else (0.0,)
-    return min(((predicted_loss(params, chars, text_chars, d, rule), d) for d in choices),
-               key=lambda ld: (round(ld[0], 9), ld[1]))[::-1]
+    on a tie; none for a model under DROPOUT_FROM parameters per character of text.
+    ``dropped_chars``: the characters it trains on with dropout (fewer: dropout is slower)."""
+    choices = DROPOUTS if takes_dropout(params, text_chars) else (0.0,)
+    dropped = chars if dropped_chars is None else dropped_chars
+    return min(((predicted_loss(params, dropped if d else chars, text_chars, d, rule, cell), d)
+                for d in choices), key=lambda ld: (round(ld[0], 9), ld[1]))[::-1]
 
 
 @dataclass(frozen=True)
@@ -267,32 +316,39 @@ def candidates(text_chars: int) -> list[Shape]:
     return [s for s in LADDER if s.batch_size * s.seq_len + 1 <= text_chars]
 
 
-def choose(speeds: dict[Shape, float], seconds: float, text_chars: int, vocab_size: int,
-           rule: Rule, measure_seconds: float = 0.0) -> Choice | None:
-    """The measured shape with the lowest predicted loss after ``seconds`` of training
-    (``None`` when none can take :data:`MIN_STEPS` steps). Pure: the same speeds give the
-    same choice."""
+def choose(speeds: dict[Shape, Speed], seconds: float, text_chars: int, vocab_size: int,
+           rule: Rule, measure_seconds: float = 0.0, *, val_chars: int) -> Choice | None:
+    """The measured shape with the lowest predicted loss after a run of ``seconds`` (``None``
+    when none can take :data:`MIN_STEPS` steps). Pure: the same speeds give the same choice."""
     best: Choice | None = None
     for shape, speed in speeds.items():
-        chars = speed * seconds * rule.usable
+        train = training_seconds(seconds, speed.eval_seconds(val_chars))
+        chars, dropped = speed.train * train, speed.dropout * train
         if chars < MIN_STEPS * shape.batch_size * shape.seq_len:
             continue
-        epochs = chars / text_chars
-        dropout, loss = best_dropout(shape.parameters(vocab_size), chars, text_chars, rule)
+        dropout, loss = best_dropout(shape.parameters(vocab_size), chars, text_chars, rule,
+                                     shape.cell, dropped)
+        if dropout:
+            chars = dropped
         if best is None or loss < best.predicted - 1e-9:
-            best = Choice(shape, learning_rate(shape), dropout, speed, chars, epochs, loss,
-                          seconds, tuple((s.name, v) for s, v in speeds.items()), measure_seconds)
+            best = Choice(shape, learning_rate(shape), dropout, chars / train, chars,
+                          chars / text_chars, loss, seconds,
+                          tuple((s.name, v.train) for s, v in speeds.items()), measure_seconds)
     return best
 
 
-def smallest_budget(speeds: dict[Shape, float], rule: Rule, measure_seconds: float) -> float:
-    """The shortest budget in which some measured shape takes MIN_STEPS steps."""
-    need = min(MIN_STEPS * s.batch_size * s.seq_len / v for s, v in speeds.items())
-    return math.ceil(measure_seconds + need / rule.usable)
+def smallest_budget(speeds: dict[Shape, Speed], measure_seconds: float, val_chars: int) -> float:
+    """The shortest budget in which some measured shape takes MIN_STEPS steps (the inverse
+    of :func:`training_seconds`)."""
+    def run(shape: Shape, speed: Speed) -> float:
+        need = MIN_STEPS * shape.batch_size * shape.seq_len / speed.train
+        return min(need / (1.0 - MAX_EVAL_SHARE), need + speed.eval_seconds(val_chars))
+    return math.ceil(measure_seconds + min(run(s, v) for s, v in speeds.items()))
 
 
 def size(budget: float, text_chars: int, vocab_size: int, device: torch.device,
-         precision: str, rule: Rule | None = None, timer=time.perf_counter) -> Choice:
+         precision: str, rule: Rule | None = None, timer=time.perf_counter, *,
+         val_chars: int, eval_streams: int = 64) -> Choice:
     """Time the candidates here and choose (the module docstring has the method). Shapes are
     timed from small to large, and the timing stops once two in a row are predicted worse
     than the best so far, or at MEASURE_SHARE of the budget; the time spent is counted in
@@ -304,7 +360,7 @@ def size(budget: float, text_chars: int, vocab_size: int, device: torch.device,
         raise CharlmError(f"the text is too short for automatic sizing ({text_chars:,} training "
                           "characters); give a shape (--batch-size, --seq-len) or --size fixed")
     start = timer()
-    speeds: dict[Shape, float] = {}
+    speeds: dict[Shape, Speed] = {}
     worse = 0
     for shape in shapes:
         used = timer() - start
@@ -313,27 +369,31 @@ def size(budget: float, text_chars: int, vocab_size: int, device: torch.device,
             break
         if speeds:  # a shape whose few timed steps alone would overrun, at the best
             # arithmetic rate reached so far: stop (the ladder only grows from here)
-            rate = max(v * train_flops(s, vocab_size) for s, v in speeds.items())
+            rate = max(v.train * train_flops(s, vocab_size) for s, v in speeds.items())
             guess = rate / train_flops(shape, vocab_size)
             if 4 * shape.batch_size * shape.seq_len / guess > allowance:
                 break
         try:
-            speeds[shape] = measure(shape, vocab_size, device, precision)
+            speeds[shape] = measure(
+                shape, vocab_size, device, precision, eval_streams=eval_streams,
+                dropout=takes_dropout(shape.parameters(vocab_size), text_chars))
         except (torch.OutOfMemoryError, MemoryError):
             break
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        choice = choose(speeds, budget - (timer() - start), text_chars, vocab_size, rule)
+        choice = choose(speeds, budget - (timer() - start), text_chars, vocab_size, rule,
+                        val_chars=val_chars)
         worse = 0 if choice is not None and choice.shape == shape else worse + 1
         if worse >= 2 and choice is not None:
             break
     spent = timer() - start
-    choice = choose(speeds, budget - spent, text_chars, vocab_size, rule, spent)
+    choice = choose(speeds, budget - spent, text_chars, vocab_size, rule, spent,
+                    val_chars=val_chars)
     if choice is None:
         raise CharlmError(
             f"a budget of {budget:g} s is too short to train any model here: the fastest shape "
-            f"needs {MIN_STEPS} steps; give --max-time {smallest_budget(speeds, rule, spent):g} "
+            f"needs {MIN_STEPS} steps; give --max-time {smallest_budget(speeds, spent, val_chars):g} "
             "or more, or a shape (--size fixed)")
     return dataclasses.replace(choice, seconds=budget)
 

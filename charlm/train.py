@@ -215,7 +215,8 @@ def setup(text_path: str | Path, cfg: Config, resume: dict[str, Any] | None,
             raise ConfigError(
                 "automatic sizing (a time budget and no shape) runs in one process; under "
                 "torchrun give the shape (--config, --hidden-size, ...) or --size fixed")
-        choice = sizing.size(tc.max_time, len(train_np), len(vocab), device, precision)
+        choice = sizing.size(tc.max_time, len(train_np), len(vocab), device, precision,
+                             val_chars=len(val_np), eval_streams=tc.eval_streams)
         sizing.apply(choice, cfg, keep)
     check_split(train_np, val_np, corpus.source.name, cfg, dist.world)
     train_ids, val_ids = as_tensor(train_np, device), as_tensor(val_np, device)

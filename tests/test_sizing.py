@@ -18,11 +18,17 @@ from charlm.config import Config, load_toml
 from charlm.model import build_model
 
 RULE = sizing.Rule.load()
+VAL = 110_000  # characters of validation text (tiny Shakespeare's tenth)
 BY_NAME = {s.name: s for s in sizing.LADDER}
 
 
-def speeds_of(**chars_per_sec: float) -> dict[sizing.Shape, float]:
-    return {BY_NAME[name]: v for name, v in chars_per_sec.items()}
+def speed(v: float) -> sizing.Speed:
+    """Training at ``v`` chars/s, 0.85 v with dropout, evaluating at 3 v."""
+    return sizing.Speed(v, 0.85 * v, 3 * v)
+
+
+def speeds_of(**chars_per_sec: float) -> dict[sizing.Shape, sizing.Speed]:
+    return {BY_NAME[name]: speed(v) for name, v in chars_per_sec.items()}
 
 
 @pytest.fixture
@@ -33,7 +39,7 @@ def injected(monkeypatch):
     def fake(shape, vocab_size, device, precision, **_):
         if shape.name not in table:
             raise torch.OutOfMemoryError("not offered by this test")
-        return table[shape.name]
+        return speed(table[shape.name])
 
     monkeypatch.setattr(sizing, "measure", fake)
     return table
@@ -42,7 +48,7 @@ def injected(monkeypatch):
 def test_the_shipped_rule_loads_and_is_fitted():
     data = json.loads(sizing.RULE_FILE.read_text())
     assert "provisional" not in data["fitted_on"]
-    assert 0 < RULE.usable <= 1 and RULE.alpha > 0 and RULE.beta > 0 and 0 <= RULE.kappa < 1
+    assert RULE.alpha > 0 and RULE.beta > 0 and 0 <= RULE.kappa < 1 and RULE.gru > 0
 
 
 @pytest.mark.parametrize("shape", sizing.LADDER[:6], ids=lambda s: s.name)
@@ -54,20 +60,59 @@ def test_parameter_count_matches_the_model(shape):
 
 def test_the_choice_is_a_function_of_the_measured_speeds():
     speeds = speeds_of(gru256=70e3, lstm256=170e3, gru384=53e3, lstm384=75e3, lstm512=51e3)
-    a = sizing.choose(speeds, 180, 1_000_000, 65, RULE)
-    b = sizing.choose(dict(reversed(list(speeds.items()))), 180, 1_000_000, 65, RULE)
+    a = sizing.choose(speeds, 180, 1_000_000, 65, RULE, val_chars=VAL)
+    b = sizing.choose(dict(reversed(list(speeds.items()))), 180, 1_000_000, 65, RULE, val_chars=VAL)
     assert a is not None and (a.shape, a.dropout, a.lr) == (b.shape, b.dropout, b.lr)
-    assert a.epochs == pytest.approx(a.speed * 180 * RULE.usable / 1_000_000)
+    timed = speeds[a.shape]
+    seconds = sizing.training_seconds(180, timed.eval_seconds(VAL))
+    assert a.speed == (timed.dropout if a.dropout else timed.train)
+    assert a.epochs == pytest.approx(a.speed * seconds / 1_000_000)
+
+
+def test_evaluations_cost_a_slow_model_more_of_the_budget_and_at_most_a_fifth():
+    from charlm.pacing import MAX_EVAL_SHARE
+
+    slow, fast = (sizing.training_seconds(180, speed(v).eval_seconds(100_000)) for v in (15e3, 150e3))
+    assert 180 * (1 - MAX_EVAL_SHARE) <= slow < fast < 180
+    assert sizing.training_seconds(180, speed(1e3).eval_seconds(100_000)) == pytest.approx(
+        180 * (1 - MAX_EVAL_SHARE))
+    assert sizing.training_seconds(180, speed(15e3).eval_seconds(0)) == 180
+    # a larger validation split leaves less for training, so the same speeds see fewer chars
+    few = sizing.choose(speeds_of(lstm512=50e3), 180, 1_000_000, 65, RULE, val_chars=1_000_000)
+    many = sizing.choose(speeds_of(lstm512=50e3), 180, 1_000_000, 65, RULE, val_chars=10_000)
+    assert few.chars < many.chars
+
+
+def test_a_slower_dropout_is_charged_its_own_speed():
+    big = BY_NAME["lstm1024"]
+    cheap = sizing.choose({big: sizing.Speed(15e3, 15e3, 45e3)}, 1800, 1_000_000, 65, RULE,
+                          val_chars=VAL)
+    dear = sizing.choose({big: sizing.Speed(15e3, 3e3, 45e3)}, 1800, 1_000_000, 65, RULE,
+                         val_chars=VAL)
+    assert cheap.dropout > 0 and cheap.speed == 15e3
+    assert dear.dropout <= cheap.dropout and dear.predicted > cheap.predicted
+    assert dear.speed == (3e3 if dear.dropout else 15e3)
+
+
+def test_measure_times_training_with_and_without_dropout_and_evaluation():
+    state = torch.random.get_rng_state()
+    timed = sizing.measure(BY_NAME["lstm256"], 65, torch.device("cpu"), "fp32", seconds=0.05,
+                           dropout=True, eval_streams=4)
+    assert all(0 < v < 1e9 for v in (timed.train, timed.dropout, timed.evaluate))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the run's seed is untouched
+    plain = sizing.measure(BY_NAME["gru256"], 65, torch.device("cpu"), "fp32", seconds=0.05)
+    assert plain.dropout == plain.train
 
 
 def test_more_time_or_a_faster_machine_never_picks_a_smaller_model():
     speeds = speeds_of(lstm256=170e3, lstm384=75e3, lstm512=51e3, lstm768=30e3, lstm1024=15e3)
-    sizes = [sizing.choose(speeds, t, 4_500_000, 100, RULE).shape.parameters(100)
+    sizes = [sizing.choose(speeds, t, 4_500_000, 100, RULE, val_chars=VAL).shape.parameters(100)
              for t in (30, 60, 180, 600, 1800, 7200)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
-    faster = {s: 10 * v for s, v in speeds.items()}
-    assert (sizing.choose(faster, 180, 4_500_000, 100, RULE).shape.parameters(100)
-            >= sizing.choose(speeds, 180, 4_500_000, 100, RULE).shape.parameters(100))
+    faster = {s: sizing.Speed(10 * v.train, 10 * v.dropout, 10 * v.evaluate)
+              for s, v in speeds.items()}
+    assert (sizing.choose(faster, 180, 4_500_000, 100, RULE, val_chars=VAL).shape.parameters(100)
+            >= sizing.choose(speeds, 180, 4_500_000, 100, RULE, val_chars=VAL).shape.parameters(100))
 
 
 def test_dropout_grows_with_the_epochs():
@@ -82,28 +127,29 @@ def test_the_law_in_charlm_is_the_law_that_was_fitted():
     p = {k: torch.tensor(getattr(RULE, k), dtype=torch.float64) for k in fit.NAMES}
     t = lambda x: torch.tensor([float(x)], dtype=torch.float64)  # noqa: E731
     for N, C, D, d in [(3e5, 5e5, 1e6, 0.0), (1e6, 3e7, 1e6, 0.2), (4e6, 9e6, 4.5e6, 0.1)]:
-        fitted = float(fit.law(p, t(0.0), t(N), t(C), t(D), t(d)))
-        assert sizing.predicted_loss(N, C, D, d, RULE) == pytest.approx(fitted, rel=1e-9)
+        for gru, cell in ((0, "lstm"), (1, "gru")):
+            fitted = float(fit.law(p, t(0.0), t(N), t(C), t(D), t(d), t(gru)))
+            assert sizing.predicted_loss(N, C, D, d, RULE, cell) == pytest.approx(fitted, rel=1e-9)
 
 
 def test_a_budget_no_shape_can_use_names_the_smallest_that_works(injected):
     injected.update(gru256=20e3, lstm256=40e3)
     cpu = torch.device("cpu")
     with pytest.raises(sizing.CharlmError) as err:
-        sizing.size(3.0, 1_000_000, 65, cpu, "fp32", RULE)
+        sizing.size(3.0, 1_000_000, 65, cpu, "fp32", RULE, val_chars=VAL)
     named = float(re.search(r"give --max-time (\S+) or more", str(err.value)).group(1))
-    assert named == sizing.smallest_budget(speeds_of(gru256=20e3, lstm256=40e3), RULE, 0.0)
-    assert sizing.size(named, 1_000_000, 65, cpu, "fp32", RULE).shape.name == "lstm256"
+    assert named == sizing.smallest_budget(speeds_of(gru256=20e3, lstm256=40e3), 0.0, VAL)
+    assert sizing.size(named, 1_000_000, 65, cpu, "fp32", RULE, val_chars=VAL).shape.name == "lstm256"
     with pytest.raises(sizing.CharlmError):
-        sizing.size(named - 1, 1_000_000, 65, cpu, "fp32", RULE)
+        sizing.size(named - 1, 1_000_000, 65, cpu, "fp32", RULE, val_chars=VAL)
 
 
 def test_timing_stops_when_bigger_shapes_stop_helping(injected):
     injected.update({s.name: 1e12 / s.parameters(65) for s in sizing.LADDER})  # fast big models
-    many = sizing.size(600, 1_000_000, 65, torch.device("cpu"), "fp32", RULE)
+    many = sizing.size(600, 1_000_000, 65, torch.device("cpu"), "fp32", RULE, val_chars=VAL)
     injected.clear()
     injected.update({s.name: 1e12 / s.parameters(65) ** 1.5 for s in sizing.LADDER})  # slow ones
-    few = sizing.size(600, 1_000_000, 65, torch.device("cpu"), "fp32", RULE)
+    few = sizing.size(600, 1_000_000, 65, torch.device("cpu"), "fp32", RULE, val_chars=VAL)
     assert len(few.measured) < len(many.measured)
 
 
@@ -132,7 +178,7 @@ def test_with_sizing_the_budget_is_the_limit_and_given_values_stay():
     keep = sizing.settle(cfg, {"train.max_time", "train.lr"})
     assert sizing.wanted(cfg) and cfg.train.max_steps == 0 and keep == {"train.lr"}
     cfg.train.lr = 1e-3
-    choice = sizing.choose(speeds_of(lstm256=100e3), 60, 1_000_000, 65, RULE)
+    choice = sizing.choose(speeds_of(lstm256=100e3), 60, 1_000_000, 65, RULE, val_chars=VAL)
     sizing.apply(choice, cfg, keep)
     assert (cfg.model.cell, cfg.model.hidden_size, cfg.train.lr) == ("lstm", 256, 1e-3)
     assert cfg.train.size == "fixed" and cfg.train.warmup_steps == sizing.SCHEDULE["train.warmup_steps"]

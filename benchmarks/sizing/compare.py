@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from charlm.corpus import tiny_shakespeare
+from charlm.sizing import RULE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = str(REPO / "configs" / "cpu.toml")
@@ -47,6 +48,8 @@ def run(text: Path, shape: str, seconds: float, threads: int, seed: int) -> dict
         if proc.returncode:
             raise SystemExit(f"{shape}: {proc.stderr.strip().splitlines()[-1]}")
         header = [line for line in proc.stderr.splitlines() if line.startswith(("model:", "size:"))]
+        summary = [" ".join(line.strip("│┃| ").split()) for line in proc.stderr.splitlines()
+                   if any(k in line for k in ("training speed", "evaluating"))]
         records = [json.loads(line) for line in open(out / "metrics.jsonl")]
         chosen = (out / "config.toml").read_text()
     evals = [r for r in records if r["kind"] == "eval"]
@@ -55,7 +58,8 @@ def run(text: Path, shape: str, seconds: float, threads: int, seed: int) -> dict
             "seed": seed, "best_val": min(r["val_loss"] for r in evals),
             "final_val": evals[-1]["val_loss"], "chars_seen": evals[-1]["chars"],
             "chars_per_sec": round(evals[-1]["chars"] / trains[-1]["elapsed"]),
-            "header": header, "config": chosen}
+            "header": header, "summary": summary, "config": chosen,
+            "rule": json.loads(RULE_FILE.read_text())["fitted_on"]}
 
 
 def main() -> None:

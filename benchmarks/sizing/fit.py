@@ -5,7 +5,7 @@
 The law (``charlm.sizing``): best validation loss after training on C characters of a text
 of D training characters, with a model of N parameters and dropout d,
 
-    loss = E[text] + A / N^alpha + B / C_eff^beta
+    loss = E[text] + A / (g N)^alpha + B / C_eff^beta       (g = 1 for an LSTM, gru for a GRU)
     C_eff = u C                                         (up to one epoch, u = 1 - kappa d)
           = u D (1 + R_d (1 - exp(-(C/D - 1) / R_d)))   (past it; R_d = R (1 + rho d))
 
@@ -24,26 +24,28 @@ from pathlib import Path
 import torch
 
 RULE = Path(__file__).resolve().parents[2] / "charlm" / "sizing_rule.json"
-NAMES = ("A", "alpha", "B", "beta", "R", "rho", "kappa")
+NAMES = ("A", "alpha", "B", "beta", "R", "rho", "kappa", "gru")
 
 
-def law(p: dict, E, N, C, D, d):
+def law(p: dict, E, N, C, D, d, gru):
+    """``gru``: 1 for a GRU run, 0 for an LSTM run."""
     u = 1.0 - p["kappa"] * d
     Rd = p["R"] * (1.0 + p["rho"] * d)
     e = C / D
     past = D * (1.0 + Rd * (1.0 - torch.exp(-(torch.clamp(e, min=1.0) - 1.0) / Rd)))
     ceff = u * torch.where(e <= 1.0, C, past)
-    return E + p["A"] / N ** p["alpha"] + p["B"] / ceff ** p["beta"]
+    return E + p["A"] / (N * p["gru"] ** gru) ** p["alpha"] + p["B"] / ceff ** p["beta"]
 
 
 def fit(runs: list[dict], key: str = "best_val") -> tuple[dict, dict]:
     texts = sorted({r["corpus"] for r in runs})
     t = lambda k: torch.tensor([float(r[k]) for r in runs], dtype=torch.float64)  # noqa: E731
     N, C, D, d, y = t("params"), t("chars_seen"), t("train_chars"), t("dropout"), t(key)
+    g = t("gru")
     which = torch.tensor([texts.index(r["corpus"]) for r in runs])
     # log-parameters (positive numbers), started where the loss curves of char models sit
     raw = {"A": math.log(30.0), "alpha": math.log(0.3), "B": math.log(50.0), "beta": math.log(0.3),
-           "R": math.log(10.0), "rho": math.log(2.0), "kappa": math.log(0.3)}
+           "R": math.log(10.0), "rho": math.log(2.0), "kappa": math.log(0.3), "gru": 0.0}
     x = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in raw.items()}
     E = torch.full((len(texts),), 1.0, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([*x.values(), E], max_iter=300, tolerance_grad=1e-12,
@@ -56,7 +58,7 @@ def fit(runs: list[dict], key: str = "best_val") -> tuple[dict, dict]:
 
     def closure():
         opt.zero_grad()
-        loss = ((law(params(), E[which], N, C, D, d) - y) ** 2).mean()
+        loss = ((law(params(), E[which], N, C, D, d, g) - y) ** 2).mean()
         loss.backward()
         return loss
 
@@ -70,20 +72,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--write", action="store_true")
-    ap.add_argument("--usable", type=float, default=0.85,
-                    help="share of a budget spent training (measured: chars_seen / (speed x budget))")
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     runs = [json.loads(line) for line in args.sweep.read_text().splitlines() if line.strip()]
     for r in runs:
         r["train_chars"] = int(r["text_chars"] * 0.9)
+        r["gru"] = int(r["shape"].startswith("gru"))
     p, E = fit(runs)
     print("fitted:", ", ".join(f"{k} {v:.4g}" for k, v in p.items()),
           "| E:", ", ".join(f"{k} {v:.3f}" for k, v in E.items()))
     t = lambda k: torch.tensor([float(r[k]) for r in runs], dtype=torch.float64)  # noqa: E731
     pred = law({k: torch.tensor(v) for k, v in p.items()},
                torch.tensor([E[r["corpus"]] for r in runs], dtype=torch.float64),
-               t("params"), t("chars_seen"), t("train_chars"), t("dropout"))
+               t("params"), t("chars_seen"), t("train_chars"), t("dropout"), t("gru"))
     print(f"{'text':12} {'shape':10} {'s here':>6} {'drop':>4} {'epochs':>6} {'best val':>8} "
           f"{'final':>7} {'fitted':>7}")
     for r, f in sorted(zip(runs, pred.tolist(), strict=True),
@@ -101,12 +102,12 @@ def main() -> None:
         q, Eq = fit(rest)
         f = law({k: torch.tensor(v) for k, v in q.items()}, torch.tensor(Eq[r["corpus"]]),
                 *(torch.tensor(float(r[k]), dtype=torch.float64)
-                  for k in ("params", "chars_seen", "train_chars", "dropout")))
+                  for k in ("params", "chars_seen", "train_chars", "dropout", "gru")))
         errors.append(float(f) - r["best_val"])
     loo = (sum(e * e for e in errors) / len(errors)) ** 0.5
     print(f"leave-one-out rms error {loo:.4f} nats (largest {max(map(abs, errors)):.4f})")
     if args.write:
-        rule = {**{k: round(v, 6) for k, v in p.items()}, "usable": args.usable,
+        rule = {**{k: round(v, 6) for k, v in p.items()},
                 "fitted_on": f"{args.sweep.name}: {len(runs)} runs, rms {rms:.4f}, "
                              f"leave-one-out rms {loo:.4f}"}
         RULE.write_text(json.dumps(rule, indent=1) + "\n")

@@ -6,11 +6,11 @@ texts, each appended as one JSON line to a results file that ``fit.py`` reads.
 
 A budget is given in seconds of *this* machine, measured quiet: the script first times each
 shape here with all cores (``charlm.sizing.measure``), then turns "S seconds" into the
-characters that shape would train on in S seconds (x the usable fraction: evaluations take
-the rest) and runs it with ``--max-steps``. The loss after C characters does not depend on how
-fast they were trained, so the runs themselves may share the CPU (``--workers 2``, one thread
-each) without changing their results, and the data fits in characters, not seconds: it
-carries over to other machines, where only the speeds differ.
+characters that shape would train on in a run of S seconds (evaluations take the rest:
+``charlm.sizing.training_seconds``) and runs it with ``--max-steps``. The loss after C
+characters does not depend on how fast they were trained, so the runs themselves may share the
+CPU (``--workers 2``, one thread each) without changing their results, and the data fits in
+characters, not seconds: it carries over to other machines, where only the speeds differ.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ import torch
 
 from charlm.corpus import tiny_shakespeare
 from charlm.device import resolve_precision, set_threads
-from charlm.sizing import LADDER, Shape, learning_rate, measure
-
-USABLE = 0.85  # of a budget, the share spent training (evaluations, start-up: the rest)
+from charlm.sizing import LADDER, Shape, learning_rate, measure, training_seconds
 
 
 def shape_named(name: str) -> Shape:
@@ -47,6 +45,13 @@ RUNS = [
     ("shakespeare", "lstm512", 600, 0.2), ("shakespeare", "lstm1024", 600, 0.25),
     *[("stdlib_code", s, t, 0.0) for s in ("lstm256", "lstm512", "lstm1024") for t in (60, 180)],
     ("stdlib_code", "lstm1024", 600, 0.0),
+    # session 6: the cell (GRU), 768 units, and dropout below 10 epochs
+    ("shakespeare", "lstm512", 180, 0.1), ("shakespeare", "lstm512", 180, 0.2),
+    ("shakespeare", "lstm768", 180, 0.0), ("shakespeare", "lstm768", 180, 0.1),
+    ("shakespeare", "gru512", 180, 0.0), ("shakespeare", "gru1024", 180, 0.0),
+    ("shakespeare", "lstm1024", 180, 0.1), ("shakespeare", "lstm512", 60, 0.1),
+    ("stdlib_code", "gru512", 180, 0.0), ("stdlib_code", "lstm768", 180, 0.0),
+    ("stdlib_code", "gru768", 180, 0.1),
 ]
 
 
@@ -89,7 +94,7 @@ def main() -> None:
     for n in names:  # quiet, all cores: the speeds that turn seconds into characters
         measure(shape_named(n), 65, device, precision, seconds=0.5)
         speeds[n] = measure(shape_named(n), 65, device, precision, seconds=2.0)
-        print(f"{n}: {speeds[n]:,.0f} chars/s ({precision}, {threads} threads)", flush=True)
+        print(f"{n}: {speeds[n].train:,.0f} chars/s ({precision}, {threads} threads)", flush=True)
     sizes = {}
     jobs = []
     wanted = {int(i) for i in args.only.split(",") if i}
@@ -101,12 +106,13 @@ def main() -> None:
             text = path.read_text(encoding="utf-8")
             sizes[corpus] = (len(text), len(set(text)))
         s = shape_named(shape)
-        chars = speeds[shape] * seconds * USABLE
+        val_chars = sizes[corpus][0] - int(sizes[corpus][0] * 0.9)
+        chars = speeds[shape].train * training_seconds(seconds, speeds[shape].eval_seconds(val_chars))
         steps = max(100, round(chars / (s.batch_size * s.seq_len)))
         jobs.append({"corpus": corpus, "path": str(path), "text_chars": sizes[corpus][0],
                      "vocab": sizes[corpus][1], "shape": shape, "params": s.parameters(sizes[corpus][1]),
                      "seconds_here": seconds, "dropout": dropout, "lr": learning_rate(s),
-                     "steps": steps, "speed_here": round(speeds[shape]), "precision": precision,
+                     "steps": steps, "speed_here": round(speeds[shape].train), "precision": precision,
                      "cpu": platform.processor() or platform.machine(), "torch": torch.__version__})
     jobs.sort(key=lambda j: -j["steps"] * shape_named(j["shape"]).batch_size
               * shape_named(j["shape"]).seq_len / j["speed_here"])
