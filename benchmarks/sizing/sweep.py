@@ -52,6 +52,10 @@ RUNS = [
     ("shakespeare", "lstm1024", 180, 0.1), ("shakespeare", "lstm512", 60, 0.1),
     ("stdlib_code", "gru512", 180, 0.0), ("stdlib_code", "lstm768", 180, 0.0),
     ("stdlib_code", "gru768", 180, 0.1),
+    # session 7: the near-ties at 180 s on tiny Shakespeare (GRU 768 with and without
+    # dropout, LSTM 768 with more), and the GRU 768 without dropout on code
+    ("shakespeare", "gru768", 180, 0.0), ("shakespeare", "gru768", 180, 0.15),
+    ("shakespeare", "lstm768", 180, 0.2), ("stdlib_code", "gru768", 180, 0.0),
 ]
 
 
