@@ -21,10 +21,9 @@ How it decides (``--size auto``, when a run has a time budget and no shape was g
    repeat: past one epoch a repeated character is worth less, the more so the more epochs
    (``R``, larger with dropout, which also slows learning a little). ``E`` is the text's own
    entropy; it is the same for every candidate, so the choice does not depend on it.
-3. :func:`choose` takes, with its best dropout and its learning rate (:func:`learning_rate`),
-   the smallest candidate predicted within :data:`TIE` (0.01 nats, the run-to-run noise) of the
-   lowest loss: the law cannot tell such candidates apart, and the smaller one risks less.
-   The candidates that close are timed twice (:func:`size`).
+3. :func:`choose` takes the candidate and dropout with the lowest prediction (ties to the
+   smaller one) and the candidate's learning rate (:func:`learning_rate`). Candidates
+   predicted within :data:`NEAR` (0.01 nats) of the best are timed a second time first.
 
 The choice is a pure function of the measured speeds (inject them to test it), and the run
 records it in ``config.toml`` with ``size = "fixed"``, so a rerun from that file or a resume
@@ -215,23 +214,23 @@ def measure(shape: Shape, vocab_size: int, device: torch.device, precision: str,
 RULE_FILE = Path(__file__).with_name("sizing_rule.json")
 MIN_STEPS = 200  # a shape that cannot take this many steps in the budget is not a candidate
 MEASURE_SHARE = 0.05  # of the budget, at most, spent measuring (after the first two shapes)
-# Predictions closer than this are a tie, and a tie goes to the smaller model: the run-to-run
-# noise of a final loss (README), well inside the law's own error (leave-one-out rms 0.026).
-# Breiman's one-standard-error rule, for the same reason: among the candidates the evidence
-# cannot tell apart, the smaller trains more steps and epochs, so a slow timing or the law's
-# guess about repeated data and dropout costs it less. In the sweeps the larger of two near-tied
-# shapes did worse each time (README, "Choosing the model for a time budget").
-TIE = 0.01
+# Shapes predicted within this of the best are timed a second time (:func:`size`): the
+# run-to-run noise of a final loss, where a few seconds' timing noise can swap the order.
+# (Giving such a near-tie to the smaller shape was tried and cost 0.011-0.016 at 600 s and
+# 1,800 s: README, "Choosing the model for a time budget".)
+NEAR = 0.01
 
 
 # The choices of dropout: 0 to 0.25, the range the sweeps measured (the law would take more
 # where nothing measured backs it).
 DROPOUTS = tuple(round(0.05 * k, 2) for k in range(6))
-# Dropout hurt models of 0.35-0.55 parameters per character of text even at 4-8 epochs
-# (README, how configs/cpu.toml was chosen: dropout 0.1 cost 0.02-0.03), where the law, which
-# has no term for capacity, would give them 0.2: below this they get none. Above it the law's
-# own dropout terms decide (fitted on sweep pairs at 2.5 to 32 epochs, 1.2 to 4.8 per char).
-DROPOUT_FROM = 1.0
+# Dropout hurt models of 0.35 and 0.55 parameters per character of text (README, how
+# configs/cpu.toml was chosen: dropout 0.1 cost 0.02-0.03), where the law, which has no term
+# for capacity, would give them some; it helped one of 0.72 (LSTM 384 on tiny Shakespeare at
+# 14 epochs, 0.05 better with 0.1) and every one above. Below this they get none; above it the
+# law's own dropout terms decide. (1.0 until an LSTM 512 at 0.82 trained without dropout on
+# the docstrings and lost 0.044 to the same shape with it: README.)
+DROPOUT_FROM = 0.6
 
 
 def training_seconds(seconds: float, eval_seconds: float) -> float:
@@ -351,16 +350,13 @@ def predictions(speeds: dict[Shape, Speed], seconds: float, text_chars: int, voc
 
 def choose(speeds: dict[Shape, Speed], seconds: float, text_chars: int, vocab_size: int,
            rule: Rule, measure_seconds: float = 0.0, *, val_chars: int) -> Choice | None:
-    """The smallest measured shape predicted within :data:`TIE` of the lowest loss after a run
-    of ``seconds`` (``None`` when none can take :data:`MIN_STEPS` steps). Pure: the same
+    """The measured shape with the lowest predicted loss after a run of ``seconds``, the
+    smaller on a tie (``None`` when none can take :data:`MIN_STEPS` steps). Pure: the same
     speeds give the same choice, in any order."""
     found = predictions(speeds, seconds, text_chars, vocab_size, rule, measure_seconds,
                         val_chars=val_chars)
-    if not found:
-        return None
-    lowest = min(c.predicted for c in found)
-    return min((c for c in found if c.predicted <= lowest + TIE),
-               key=lambda c: (c.shape.parameters(vocab_size), c.predicted))
+    return min(found, key=lambda c: (round(c.predicted, 9), c.shape.parameters(vocab_size)),
+               default=None)
 
 
 def smallest_budget(speeds: dict[Shape, Speed], measure_seconds: float, val_chars: int) -> float:
@@ -378,7 +374,7 @@ def size(budget: float, text_chars: int, vocab_size: int, device: torch.device,
     """Time the candidates here and choose (the module docstring has the method). Shapes are
     timed from small to large, and the timing stops once two in a row are predicted worse
     than the best so far, or at MEASURE_SHARE of the budget; then those predicted within
-    2 TIE of the best are timed again, the faster timing kept. The time spent is counted in
+    NEAR of the best are timed again, the faster timing kept. The time spent is counted in
     the budget. Raises :class:`CharlmError` naming the smallest workable budget when no shape
     fits in ``budget``."""
     rule = rule or Rule.load()
@@ -422,12 +418,12 @@ def size(budget: float, text_chars: int, vocab_size: int, device: torch.device,
         worse = 0 if helps else worse + 1
         if worse >= 2 and losses:
             break
-    # The near-ties are decided by a few timed steps each, and a neighbour's burst makes a
-    # timing slow, never fast: time each shape within 2 TIE of the best again (while the
-    # measuring share lasts) and keep the faster of its two timings.
+    # Near-ties are decided by a few timed steps each, and a neighbour's burst makes a timing
+    # slow, never fast: time each shape within NEAR of the best again (while the measuring
+    # share lasts) and keep the faster of its two timings.
     losses = predicted()
     for shape in sorted(losses, key=losses.get):
-        if losses[shape] > min(losses.values()) + 2 * TIE or timer() - start > MEASURE_SHARE * budget:
+        if losses[shape] > min(losses.values()) + NEAR or timer() - start > MEASURE_SHARE * budget:
             break
         try:
             again = timed(shape)
