@@ -393,10 +393,6 @@ def size(budget: float, text_chars: int, vocab_size: int, device: torch.device,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def predicted() -> dict[Shape, float]:
-        return {c.shape: c.predicted for c in predictions(
-            speeds, budget - (timer() - start), text_chars, vocab_size, rule, val_chars=val_chars)}
-
     worse = 0
     for shape in shapes:
         used = timer() - start
@@ -413,17 +409,18 @@ def size(budget: float, text_chars: int, vocab_size: int, device: torch.device,
             speeds[shape] = timed(shape)
         except (torch.OutOfMemoryError, MemoryError):
             break
-        losses = predicted()
-        helps = shape in losses and losses[shape] <= min(losses.values())
-        worse = 0 if helps else worse + 1
-        if worse >= 2 and losses:
+        choice = choose(speeds, budget - (timer() - start), text_chars, vocab_size, rule,
+                        val_chars=val_chars)
+        worse = 0 if choice is not None and choice.shape == shape else worse + 1
+        if worse >= 2 and choice is not None:
             break
     # Near-ties are decided by a few timed steps each, and a neighbour's burst makes a timing
     # slow, never fast: time each shape within NEAR of the best again (while the measuring
     # share lasts) and keep the faster of its two timings.
-    losses = predicted()
-    for shape in sorted(losses, key=losses.get):
-        if losses[shape] > min(losses.values()) + NEAR or timer() - start > MEASURE_SHARE * budget:
+    found = sorted(predictions(speeds, budget - (timer() - start), text_chars, vocab_size, rule,
+                               val_chars=val_chars), key=lambda c: c.predicted)
+    for shape in [c.shape for c in found if c.predicted <= found[0].predicted + NEAR]:
+        if timer() - start > MEASURE_SHARE * budget:
             break
         try:
             again = timed(shape)
