@@ -27,8 +27,8 @@ import torch
 
 from charlm.atomic import atomic_write_text
 from charlm.errors import CharlmError, DataError
-from charlm.files import open_fresh, remove_quietly
-from charlm.text import Source, changed, read_text, resolve_source
+from charlm.files import open_fresh, remove_quietly, temporary_name
+from charlm.text import Source, changed, check_start, read_text, resolve_source, text_paths
 from charlm.vocab import MAX_CODE_POINT, UNKNOWN, Vocab, code_points, id_dtype
 
 
@@ -121,7 +121,14 @@ def scan_code_points(path: str | Path, encoding: str = "utf-8", errors: str = "s
                      use_cache: bool = True, newline: str = "normalize") -> np.ndarray:
     """The distinct code points of a text file (or directory of ``*.txt``), sorted; the scan
     is cached as for :func:`load_corpus`."""
-    return _scan_cached(resolve_source(path), encoding, errors, use_cache, newline)[0]
+    return _scan_cached(_source(path, encoding, errors), encoding, errors, use_cache, newline)[0]
+
+
+def _source(path: str | Path, encoding: str, errors: str) -> Source:
+    """:func:`resolve_source`, after the start of each file is checked for binary data, so
+    that a large non-text file is refused at once instead of after hashing all of it."""
+    check_start(text_paths(path), encoding, errors)
+    return resolve_source(path)
 
 
 def _cache_paths(source: Source, vocab: Vocab, encoding: str, errors: str,
@@ -184,7 +191,7 @@ def _encode_to(out: np.ndarray, source, vocab, encoding, errors, drop_unknown,
 
 def _cache_buffer(bin_path: Path, total: int, dtype: np.dtype) -> tuple[np.ndarray, Path]:
     """A memory map of a fresh temporary file next to ``bin_path`` for ``total`` ids."""
-    tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(bin_path)
     try:
         bin_path.parent.mkdir(parents=True, exist_ok=True)
         with open_fresh(tmp, "wb") as f:
@@ -222,7 +229,7 @@ def load_corpus(
     "keep" keeps them as characters. The cache is best effort: when it cannot be written
     the ids are kept in memory and ``notes`` says so.
     """
-    source = resolve_source(path)
+    source = _source(path, encoding, errors)
     present, total, crlf = _scan_cached(source, encoding, errors, use_cache, newline)
     if total == 0 or not any(chr(int(c)).strip() for c in present):
         raise DataError(f"{source.name} is empty or only whitespace; nothing to train on")
