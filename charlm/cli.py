@@ -370,17 +370,20 @@ def _print_loss_curve(run_dir: Path) -> None:
     grid = loss_grid(curves, width=max(20, min(64, err.width - 10)), height=8)
     if grid is None:
         return
-    glyphs = {"t": ("•", "cyan"), "v": ("●", "bold magenta"), " ": (" ", "")}
-    lines = [Text.assemble("bits/char  ", ("•", "cyan"), " train  ", ("●", "bold magenta"),
+    # Drawn in ASCII on a console that cannot encode the drawing characters (cp1252, ascii).
+    fancy = err.encoding.lower().replace("-", "").startswith(("utf", "cp65001"))
+    dot, disc, tick, bar, corner, rule = "•●┤│└─" if fancy else ".o+|+-"
+    glyphs = {"t": (dot, "cyan"), "v": (disc, "bold magenta"), " ": (" ", "")}
+    lines = [Text.assemble("bits/char  ", (dot, "cyan"), " train  ", (disc, "bold magenta"),
                            " validation", style="dim")]
     for i, row in enumerate(grid.rows):
-        label = {0: f"{grid.y_max:6.2f} ┤", len(grid.rows) - 1: f"{grid.y_min:6.2f} ┤"}
-        line = Text(label.get(i, "       │"), style="dim")
+        label = {0: f"{grid.y_max:6.2f} {tick}", len(grid.rows) - 1: f"{grid.y_min:6.2f} {tick}"}
+        line = Text(label.get(i, f"       {bar}"), style="dim")
         for cell in row:
             line.append(*glyphs[cell])
         lines.append(line)
     width = len(grid.rows[0])
-    lines.append(Text("       └" + "─" * width, style="dim"))
+    lines.append(Text(f"       {corner}" + rule * width, style="dim"))
     right = f"{grid.x_max:,} characters"
     lines.append(Text("        0" + right.rjust(width - 1), style="dim"))
     for line in lines:
@@ -427,6 +430,9 @@ def sample(
     check_options(length, temps, top_k, top_p, num_samples, random_seed)
     check_beam(beam, temps, top_k, top_p, num_samples, random_seed, temperature is not None, onnx)
     check_interactive(interactive, keep_state, seed, seed_file, beam, num_samples, temps, onnx)
+    if interactive and sys.stdin is None:  # started with <&-
+        raise CharlmError("standard input is closed; --interactive reads the lines to continue "
+                          "from it (or give the text with --seed)")
     stops = [unescape(text) for text in stop or []]
     if seed_file is not None:
         if seed:
@@ -500,7 +506,7 @@ def sample(
 def _interactive(session) -> None:
     """The prompt loop on this terminal (with readline's line editing and history where Python
     has it), or on piped standard input, without prompts."""
-    from charlm.interactive import run
+    from charlm.interactive import check_line, line_reader, run
 
     if sys.stdin.isatty():
         try:
@@ -510,13 +516,9 @@ def _interactive(session) -> None:
         err.print("type a line and press Enter; Ctrl-D or Ctrl-C ends", style="dim")
 
         def read_line() -> str:
-            return input("> ")
+            return check_line(input("> "))
     else:
-        def read_line() -> str:
-            line = sys.stdin.readline()
-            if not line:
-                raise EOFError
-            return line.removesuffix("\n")
+        read_line = line_reader(sys.stdin)  # at most MAX_LINE_CHARS a line
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -657,12 +659,25 @@ def export(
 
     r = export_checkpoint(_checkpoint(checkpoint_path), format_, output, force)
     batches = " and ".join(str(b) for b in r.batches)
-    _print_table(out, _table("charlm export", [
-        ("file", str(r.path)),
-        ("format", f"{r.format} ({r.cell})"),
-        ("size", f"{r.size:,} bytes"),
-        ("verified", f"batch {batches}: max |diff| from PyTorch {r.max_diff:.1e} (< {TOLERANCE:g})"),
-    ]))
+    with _written(r.path):
+        _print_table(out, _table("charlm export", [
+            ("file", str(r.path)),
+            ("format", f"{r.format} ({r.cell})"),
+            ("size", f"{r.size:,} bytes"),
+            ("verified", f"batch {batches}: max |diff| from PyTorch {r.max_diff:.1e} (< {TOLERANCE:g})"),
+        ]))
+
+
+@contextmanager
+def _written(path: Path):
+    """Around the summary of a file just written: when stdout cannot take it, the one-line
+    error says that the file itself was written (the exit status is still 1)."""
+    from charlm.streams import OutputLost
+
+    try:
+        yield
+    except OutputLost as exc:
+        raise OutputLost(f"{exc}; {_literal(path)} itself was written") from None
 
 
 # ---------------------------------------------------------------------------- plot / runs
@@ -680,7 +695,8 @@ def plot(
     for why in r.skipped:
         err.print(Text(f"warning: skipped {why}"))
     runs_text = "1 run" if r.runs == 1 else f"{r.runs} runs"
-    out.print(f"wrote {_literal(r.path)} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
+    with _written(r.path):
+        out.print(f"wrote {_literal(r.path)} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
 
 
 def _duration(seconds: float) -> str:
@@ -801,11 +817,49 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: library errors become one line on stderr and a non-zero exit code."""
+    from charlm.signals import interrupting
+    from charlm.streams import guarded
+
+    # SIGTERM and SIGHUP stop every command as Ctrl-C does. Called without argv (the
+    # console script), the process ends next: a signal during its exit changes nothing.
+    # stdout and stderr escape what the console cannot encode, and a lost one is turned off
+    # (charlm.streams); the console script keeps them so for Python's flush at exit.
+    with guarded(restore=argv is not None), interrupting(to_the_end=argv is None):
+        _main(argv)
+
+
+def _interrupted() -> None:
+    """The one line a stop signal outside training leaves (training says how to resume);
+    nothing when stderr is gone (a closed terminal)."""
+    import signal
+
+    from charlm.signals import received
+
+    if received():
+        try:
+            err.print(f"interrupted by {signal.Signals(received()).name}")
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _exit_if_interrupted() -> None:
+    """An error after a stop signal is the interruption's (an exporter or an import cut
+    short reports a failure of its own): exit as interrupted, without the error."""
+    from charlm.signals import EXIT_INTERRUPTED, received
+
+    if received():
+        _interrupted()
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _main(argv: list[str] | None) -> None:
     command = typer.main.get_command(app)
     _flags_as_flags(command)
     try:
         # Typer returns the code of an Exit (including 130 for Ctrl-C) instead of raising it.
         code = command.main(args=argv, prog_name="charlm", standalone_mode=False)
+        if code == 130:
+            _interrupted()
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -822,10 +876,12 @@ def main(argv: list[str] | None = None) -> None:
         _error(" ".join(message.split()) + hint)
         sys.exit(getattr(exc, "exit_code", 2))
     except CharlmError as exc:
+        _exit_if_interrupted()
         if not getattr(exc, "quiet", False):  # another training process printed it
             _error(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        _interrupted()
         sys.exit(130)
     except BrokenPipeError:
         # The reader went away (charlm sample | head): exit quietly, without a second error
@@ -834,6 +890,7 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        _exit_if_interrupted()
         if type(exc).__name__ == "OutOfMemoryError":  # torch's, for CUDA (torch not imported here)
             _error("out of GPU memory; lower --num-samples (sample), or use a smaller model, "
                    "--batch-size or --seq-len")

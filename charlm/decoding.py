@@ -66,6 +66,9 @@ def read_seed_file(path: str, encoding: str = "utf-8") -> str:
     Errors are one-line CharlmErrors (missing file, a directory, undecodable bytes)."""
     import sys
 
+    if path == "-" and sys.stdin is None:  # started with <&-
+        raise CharlmError("standard input is closed; --seed-file - reads the text from it "
+                          "(give a file, or the text with --seed)")
     try:
         if path == "-":
             text = sys.stdin.buffer.read().decode(encoding)

@@ -40,10 +40,11 @@ from charlm.loop import Loop, Setup
 from charlm.model import build_model
 from charlm.monitors import Header, MetricsFile, Monitor, Monitors, console
 from charlm.pacing import Pacer
-from charlm.runs import run_directory
+from charlm.runs import check_out_dir, run_directory
 from charlm.schedule import lr_at, make_optimizer, planned_progress  # noqa: F401 - re-exported
 from charlm.signals import EXIT_INTERRUPTED  # noqa: F401 - re-exported for the CLI
 from charlm.state import TrainState, restore
+from charlm.streams import keep_going
 
 
 @dataclass
@@ -93,7 +94,10 @@ def train(
     validate(cfg)
     dist = dist or Dist()
     main = dist.rank == 0
-    with _out_of_gpu_memory(cfg):
+    if main and out_dir is not None:  # a directory charlm may not use: refused before set-up
+        check_out_dir(Path(out_dir), resume is not None)
+    # Training never stops because of its output: a lost stdout or stderr is turned off.
+    with keep_going(), _out_of_gpu_memory(cfg):
         report = Monitors(_monitors(cfg, progress, monitors) if main else [])
         run = setup(text_path, cfg, resume, init_from, allow_other_data, drop_unknown, dist, keep)
         state = TrainState(loss_sum=torch.zeros((), device=run.device))
@@ -106,7 +110,7 @@ def train(
         stem = Path(run.source_info["name"]).stem
         recorded = sizing.comment(run.sizing) + to_toml(cfg)
         with run_directory(out_dir, resume is not None, stem, cfg.model.cell, recorded,
-                           create=main) as run_dir, report:
+                           create=main, notes=run.notes) as run_dir, report:
             # The first collective: a setup error on any rank (including the run directory
             # on rank 0) is reported there once, and every rank stops.
             run_dir = dist.broadcast_path(run_dir)
