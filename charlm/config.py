@@ -239,20 +239,34 @@ def apply_sets(cfg: Config, assignments: list[str]) -> None:
         setattr(sections[name], key, value)
 
 
+# The largest config file read: a real one is a few hundred bytes.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_toml(path: str | Path, cfg: Config | None = None, given: set[str] | None = None) -> Config:
     """Read a TOML config file over the defaults (or over ``cfg``); the keys it sets
     (``"model.cell"``, ...) are added to ``given`` when one is passed."""
     path = Path(path)
     cfg = cfg or Config()
     try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero stops at once
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a charlm "
+                "config is a few hundred bytes (see configs/ for examples)"
+            )
         # utf-8-sig: Windows editors start UTF-8 files with a byte-order mark.
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        data = tomllib.loads(raw.decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
         raise ConfigError(f"config path is a directory: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply; a "
+                          "charlm config has one level of [section] tables") from None
     apply_dict(cfg, data, source=str(path))
     if given is not None:
         given.update(f"{section}.{key}" for section, table in data.items()
@@ -267,6 +281,9 @@ def _number(x: float) -> str:
 
 def _problem(key: str, value: Any) -> str | None:
     """What is wrong with one field's value, or None."""
+    if isinstance(value, str) and not _plain_text(value):
+        return (f"{key} must be plain text (no control characters, line breaks or undecodable "
+                f"bytes); got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         return f"{key} must be a finite number, got {value}"
     if key in _CHOICES and value not in _CHOICES[key]:
@@ -303,6 +320,34 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> Config:
     return cfg
 
 
+def _plain_text(value: str) -> bool:
+    """No control characters (C0, DEL, C1) and no lone surrogates (undecodable bytes of a
+    command line): what a name such as an encoding or a device can hold."""
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF
+                   for c in value)
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string that reads back as ``value``: quotes, backslashes
+    and control characters escaped; a lone surrogate, which TOML (UTF-8) cannot hold, as
+    U+FFFD (validate refuses such values first)."""
+    out = []
+    for c in value:
+        if c in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        elif 0xD800 <= ord(c) <= 0xDFFF:
+            out.append("\\ufffd")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
 def to_toml(cfg: Config) -> str:
     """Render a config as TOML (only scalar fields, which is all a Config holds)."""
     lines: list[str] = []
@@ -312,7 +357,7 @@ def to_toml(cfg: Config) -> str:
             if isinstance(value, bool):
                 text = "true" if value else "false"
             elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                text = toml_string(value)
             else:
                 text = repr(value)
             lines.append(f"{key} = {text}")

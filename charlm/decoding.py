@@ -61,33 +61,41 @@ def check_options(length: int, temperature: float | list[float], top_k: int, top
         raise CharlmError(f"--random-seed must be in [0, 2**63 - 1]; got {random_seed}")
 
 
+# A seed is read whole (and the model warmed on all of it): bound the bytes read, so that
+# ``--seed-file /dev/zero`` or an endless standard input stops at once.
+MAX_SEED_BYTES = 16 << 20
+
+
 def read_seed_file(path: str, encoding: str = "utf-8") -> str:
-    """The text of a seed file, or of standard input for ``-``; at most MAX_CHARS characters.
-    Errors are one-line CharlmErrors (missing file, a directory, undecodable bytes)."""
+    """The text of a seed file, or of standard input for ``-``; at most MAX_SEED_BYTES bytes
+    are read, and a longer input is refused. Errors are one-line CharlmErrors (missing file, a
+    directory, undecodable bytes, too long)."""
     import sys
 
     if path == "-" and sys.stdin is None:  # started with <&-
         raise CharlmError("standard input is closed; --seed-file - reads the text from it "
                           "(give a file, or the text with --seed)")
+    name = "(stdin)" if path == "-" else path
     try:
         if path == "-":
-            text = sys.stdin.buffer.read().decode(encoding)
+            data = sys.stdin.buffer.read(MAX_SEED_BYTES + 1)
         else:
-            with open(path, encoding=encoding, newline="") as f:  # keep "\r\n" as in training
-                text = f.read(MAX_CHARS + 1)
+            with open(path, "rb") as f:  # bytes as they are: "\r\n" is kept, as in training
+                data = f.read(MAX_SEED_BYTES + 1)
+        if len(data) > MAX_SEED_BYTES:
+            raise CharlmError(
+                f"seed file {name} is longer than {MAX_SEED_BYTES >> 20} MiB; pass its end "
+                "instead (e.g. tail -c 100000 FILE | charlm sample --seed-file - ...)"
+            )
+        text = data.decode(encoding)
     except FileNotFoundError:
         raise CharlmError(f"seed file not found: {path}") from None
     except IsADirectoryError:
         raise CharlmError(f"seed file is a directory: {path}") from None
     except UnicodeDecodeError as exc:
-        raise CharlmError(
-            f"seed file {'(stdin)' if path == '-' else path} is not valid {encoding} "
-            f"(byte {exc.start})"
-        ) from None
+        raise CharlmError(f"seed file {name} is not valid {encoding} (byte {exc.start})") from None
     except (OSError, LookupError) as exc:
         raise CharlmError(f"cannot read seed file {path}: {exc}") from None
-    if len(text) > MAX_CHARS:
-        raise CharlmError(f"seed file {path} has more than {MAX_CHARS:,} characters")
     return text
 
 

@@ -9,6 +9,7 @@ the loop runs the same on a terminal (with readline), on piped input and in test
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 import torch
 
@@ -55,6 +56,46 @@ class Session:
             self.state = run.state
             self.pending = [run.last[0]]
         return self.vocab.decode(run.ids[0, : run.lengths[0]])
+
+
+# The longest line read in one turn: a line is read whole before the model sees it, so
+# without a bound ``charlm sample -i < /dev/zero`` grew to 15 GB.
+MAX_LINE_CHARS = 1 << 20
+
+
+def line_reader(stream: TextIO) -> Callable[[], str]:
+    """A ``read_line`` for :func:`run` that reads ``stream`` (piped input) at most
+    ``MAX_LINE_CHARS`` characters at a time: a longer line is a one-line CharlmError, raised
+    before the rest of it is read; end of input is ``EOFError``."""
+
+    def read_line() -> str:
+        try:
+            line = stream.readline(MAX_LINE_CHARS + 1)
+        except UnicodeDecodeError as exc:
+            raise CharlmError(
+                f"standard input is not valid {exc.encoding}; set PYTHONIOENCODING to its "
+                "encoding"
+            ) from None
+        if not line:
+            raise EOFError
+        if len(line) > MAX_LINE_CHARS:  # MAX + 1 characters and still no newline
+            raise CharlmError(
+                f"an input line is longer than {MAX_LINE_CHARS:,} characters; split it into "
+                "shorter lines, or pass a long text with --seed-file"
+            )
+        return line.removesuffix("\n")
+
+    return read_line
+
+
+def check_line(line: str) -> str:
+    """``line`` (typed at a terminal), refused as :func:`line_reader` refuses a long one."""
+    if len(line) > MAX_LINE_CHARS:
+        raise CharlmError(
+            f"an input line is longer than {MAX_LINE_CHARS:,} characters; split it into "
+            "shorter lines, or pass a long text with --seed-file"
+        )
+    return line
 
 
 def run(session: Session, read_line: Callable[[], str], write: Callable[[str], None],
