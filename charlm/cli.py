@@ -693,7 +693,9 @@ def plot(
 
     r = plot_runs(run_dirs, output, width=width, height=height)
     for why in r.skipped:
-        err.print(Text(f"warning: skipped {why}"))
+        err.print(Text(f"warning: skipped {_literal(why)}"))
+    for warning in r.warnings:
+        err.print(Text(f"warning: {_literal(warning)}"))
     runs_text = "1 run" if r.runs == 1 else f"{r.runs} runs"
     with _written(r.path):
         out.print(f"wrote {_literal(r.path)} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
@@ -720,7 +722,10 @@ def runs(
 
     from charlm.runs import list_runs
 
-    found = list_runs(directory, text)
+    warnings: list[str] = []
+    found = list_runs(directory, text, warnings)
+    for warning in warnings:  # what could not be read is left out, said in one line each
+        err.print(Text(f"warning: {_literal(warning)}"))
     if as_json:
         _print_json({"directory": str(directory), "runs": [r.to_dict() for r in found]})
         return

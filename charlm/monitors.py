@@ -256,6 +256,7 @@ class MetricsFile(Monitor):
         # On a resume, lines past the checkpoint's step describe steps trained again: dropped.
         keep = header.start_step if header.resumed else None
         self.log = MetricsLog(header.run_dir / "metrics.jsonl", keep)
+        header.notes += self.log.warnings  # the console prints the header next
 
     def on_train_log(self, record):
         self.log.write(record)

@@ -32,6 +32,7 @@ class Curves:
     path: Path
     train: list[Point]
     val: list[Point]
+    warnings: list[str] = field(default_factory=list)  # bad lines of its metrics file skipped
 
 
 def _bpc(record: dict[str, Any], bits_key: str, nats_key: str) -> float | None:
@@ -69,12 +70,14 @@ def load_curves(run_dir: str | Path) -> Curves:
         raise CharlmError(f"{path} is not a run directory")
     if not metrics.is_file():
         raise CharlmError(f"{path} has no metrics.jsonl; is it a charlm run directory?")
+    warnings: list[str] = []
     try:
-        records = read_metrics(metrics)
+        records = read_metrics(metrics, warnings)
     except OSError as exc:
         raise CharlmError(f"cannot read {metrics}: {exc.strerror}") from None
     run = metrics.parent
     curves = curves_of(records, run.resolve().name, run)
+    curves.warnings = warnings
     if not curves.train and not curves.val:
         raise CharlmError(f"{metrics} holds no metrics yet (the run has not logged a step)")
     return curves
@@ -89,6 +92,7 @@ class PlotResult:
     width: int  # pixels
     height: int
     skipped: list[str] = field(default_factory=list)  # why each skipped run was skipped
+    warnings: list[str] = field(default_factory=list)  # bad metrics lines skipped, per file
 
 
 FORMATS = ("png", "svg", "pdf")
@@ -175,7 +179,8 @@ def plot_runs(
     lines = sum(len(ax.get_lines()) for ax in fig.axes)
 
     atomic_write(output, lambda f: fig.savefig(f, format=kind, dpi=dpi))
-    return PlotResult(output, len(curves), lines, width, height, skipped)
+    warnings = [w for c in curves for w in c.warnings]
+    return PlotResult(output, len(curves), lines, width, height, skipped, warnings)
 
 
 # ------------------------------------------------------------------------- terminal grid
