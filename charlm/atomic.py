@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from charlm.errors import CharlmError
-from charlm.files import open_fresh, remove_quietly
+from charlm.files import open_fresh, remove_quietly, temporary_name
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -20,7 +20,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     and the previous ``path`` is left untouched.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)  # only charlm's own temporary files are ever cleaned
     try:
         with open_fresh(tmp, mode) as f:  # never through a link planted at that name
             write(f)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
 from charlm.errors import CharlmError
@@ -45,13 +46,37 @@ def refuse_symlink(path: Path) -> None:
         )
 
 
+# charlm's temporary files: ``.charlm-NAME.PID.tmp``. Releases before 0.2 named them
+# ``.NAME.PID.tmp``; of those only the names of charlm's own run files count as charlm's, so
+# that a user's ``.draft.tmp`` (or ``.notes.txt.12.tmp``) is never removed.
+_TEMPORARY = re.compile(r"\.charlm-(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp")
+_OLD_TEMPORARY = re.compile(
+    r"\.(?P<name>last\.pt|best\.pt|step-[0-9]+\.pt|config\.toml|metrics\.jsonl)"
+    r"\.(?P<pid>[0-9]+)\.tmp")
+
+
+def temporary_name(path: Path) -> Path:
+    """Where charlm writes ``path`` before renaming it into place."""
+    return path.with_name(f".charlm-{path.name}.{os.getpid()}.tmp")
+
+
+def is_charlm_temporary(name: str, dead_only: bool = False) -> bool:
+    """Whether ``name`` is one of charlm's temporary files (``dead_only``: and the process
+    that wrote it is gone, so that it is a write killed half-way)."""
+    found = _TEMPORARY.fullmatch(name) or _OLD_TEMPORARY.fullmatch(name)
+    return found is not None and not (dead_only and _alive(int(found["pid"])))
+
+
 def remove_stale_temporaries(path: Path) -> None:
-    """Remove the temporary files of ``path`` (``.NAME.PID.tmp``, as atomic_write names
-    them) whose process is gone: a write that was killed half-way."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
-            remove_quietly(tmp)
+    """Remove the temporary files of ``path`` (``.charlm-NAME.PID.tmp``, as atomic_write
+    names them, or ``.NAME.PID.tmp`` from earlier releases) whose process is gone: a write
+    that was killed half-way."""
+    for prefix in (".charlm-", "."):
+        head = f"{prefix}{path.name}."
+        for tmp in path.parent.glob(f"{glob.escape(head)}*.tmp"):
+            pid = tmp.name[len(head) : -len(".tmp")]
+            if pid.isdigit() and not _alive(int(pid)):
+                remove_quietly(tmp)
 
 
 def remove_quietly(path: Path) -> None:

@@ -358,6 +358,24 @@ def metrics_problem(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
     return record, None
 
 
+# The longest metrics line read (a record is a few hundred bytes): a longer one is skipped
+# as a bad line, without ever being held whole.
+MAX_METRICS_LINE = 1 << 20
+TOO_LONG = f"longer than {MAX_METRICS_LINE >> 20} MiB"
+
+
+def _bounded_lines(f) -> Iterator[bytes | None]:
+    """The lines of the binary file ``f``, each read with at most ``MAX_METRICS_LINE + 1``
+    bytes; a longer line is read past in pieces and yielded as None."""
+    while line := f.readline(MAX_METRICS_LINE + 1):
+        if len(line) <= MAX_METRICS_LINE or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := f.readline(MAX_METRICS_LINE)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
 def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
     """The records of a metrics file. A line that is not one of charlm's records (not
     JSON, nested too deeply, not UTF-8, not an object, a count or a time that is not a
@@ -366,11 +384,12 @@ def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str
     records = []
     bad, first = 0, ""
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            record, problem = metrics_problem(line)
+        for number, line in enumerate(_bounded_lines(f), 1):
+            record, problem = (None, TOO_LONG) if line is None else metrics_problem(line)
             if record is not None:
                 records.append(record)
-            elif line.strip() and (line.endswith(b"\n") or problem != "not valid JSON"):
+            elif line is None or (line.strip()
+                                  and (line.endswith(b"\n") or problem != "not valid JSON")):
                 bad += 1  # (a last line without its newline is being written, or torn)
                 first = first or f"line {number}: {problem}"
     if bad and warnings is not None:
@@ -464,8 +483,14 @@ def _quiet_checkpoint(run_dir: Path) -> dict[str, Any] | None:
 
 def _model_config(run_dir: Path, ckpt: dict[str, Any] | None) -> dict[str, Any]:
     try:
-        config = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+        from charlm.config import MAX_CONFIG_BYTES
+
+        with open(run_dir / "config.toml", "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded, as --config reads one
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError("config.toml is too large to be charlm's")
+        config = tomllib.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # TOMLDecodeError too
         config = ckpt.get("config", {}) if ckpt else {}
     model = config.get("model", {}) if isinstance(config, dict) else {}
     return model if isinstance(model, dict) else {}
