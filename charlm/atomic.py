@@ -11,6 +11,7 @@ from typing import Any
 
 from charlm.errors import CharlmError
 from charlm.files import open_fresh, remove_quietly, temporary_name
+from charlm.signals import writing
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -21,21 +22,22 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     """
     path = Path(path)
     tmp = temporary_name(path)  # only charlm's own temporary files are ever cleaned
-    try:
-        with open_fresh(tmp, mode) as f:  # never through a link planted at that name
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        remove_quietly(tmp)
-        os_error = _os_error(exc)
-        if os_error is not None:
-            raise CharlmError(
-                f"could not write {path}: {os_error.strerror or os_error}; the previous file "
-                "is unchanged"
-            ) from None
-        raise
+    with writing():  # a second stop signal waits for the rename or the removal
+        try:
+            with open_fresh(tmp, mode) as f:  # never through a link planted at that name
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            remove_quietly(tmp)
+            os_error = _os_error(exc)
+            if os_error is not None:
+                raise CharlmError(
+                    f"could not write {path}: {os_error.strerror or os_error}; the previous file "
+                    "is unchanged"
+                ) from None
+            raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:

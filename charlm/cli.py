@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from charlm.cells import CHOICES_TEXT as CELL_CHOICES
-from charlm.errors import CharlmError, internal_error, printable
+from charlm.errors import CharlmError, internal_error, path_error, printable
 
 app = typer.Typer(
     help="Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export.",
@@ -905,6 +905,11 @@ def _main(argv: list[str] | None) -> None:
             size = f" (an allocation of {int(tried.group(1)) / 2**30:,.1f} GiB failed)" if tried else ""
             _error(f"out of memory{size}; use a smaller model or batch")
             sys.exit(1)
+        problem = path_error(exc) if isinstance(exc, OSError) and exc.filename else None
+        if problem is not None:  # a path too long, permission denied, ...: named, one line
+            if not os.environ.get("CHARLM_DEBUG"):
+                _error(str(problem))
+                sys.exit(problem.exit_code)
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
             # Files the library writes report their own errors: this is stdout (/dev/full, a
             # full disk under a redirect). Point it at /dev/null so the flush at exit is quiet.

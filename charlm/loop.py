@@ -122,7 +122,9 @@ class Loop:
         "patience" or "nan")."""
         s, tc = self.state, self.tc
         self.run.model.train()
-        with self.checkpoint_writer(), StopSignals(announce=self.main) as signals:
+        # The signals are handled until the writer thread has written the last files: a
+        # second signal then waits for the file being written, never leaving it half-written.
+        with StopSignals(announce=self.main) as signals, self.checkpoint_writer():
             while not (stopped := self.stop_reason(signals)):
                 due = self.due = self.pacer.due(s.step + 1, self.now)
                 outcome = self.train_step()

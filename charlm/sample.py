@@ -11,6 +11,7 @@ import torch
 
 from charlm.decoding import StopScan, check_options, seed_ids, start_ids  # noqa: F401 - re-exported
 from charlm.model import CharRNN, State
+from charlm.signals import stop_requested
 from charlm.stepping import make_step, own, warm  # noqa: F401 - warm re-exported
 from charlm.vocab import Vocab
 
@@ -113,6 +114,8 @@ def sample_from(
         if on_step is not None:
             on_step(nxt.tolist())
         if scan is not None and scan.feed([vocab.chars[i] for i in nxt.tolist()]):
+            break
+        if stop_requested():  # training was asked to stop: what is there is the sample
             break
         if t + 1 < length:
             logits, state = step(nxt, state)
