@@ -78,7 +78,7 @@ def line_reader(stream: TextIO) -> Callable[[], str]:
             ) from None
         if not line:
             raise EOFError
-        if len(line) > MAX_LINE_CHARS:  # MAX + 1 characters and still no newline
+        if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):  # still no newline
             raise CharlmError(
                 f"an input line is longer than {MAX_LINE_CHARS:,} characters; split it into "
                 "shorter lines, or pass a long text with --seed-file"
