@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from charlm.errors import CharlmError
+from charlm.errors import ArgumentTypeError, CharlmError, ConfigError, check_type, printable
 
 
 class Model:
@@ -66,7 +66,12 @@ class Model:
         after each step. Other keyword ``options`` go to the sampler unchanged."""
         from charlm.decoding import check_options, seed_ids
 
+        check_type("seed", seed, "str")
         check_options(length, temperature, top_k, top_p, num_samples, random_seed)
+        check_type("drop_unknown", drop_unknown, "bool")
+        check_type("include_seed", include_seed, "bool")
+        check_type("on_step", on_step, "callable")
+        _check_sampler_options(options)
         ids = seed_ids(self.vocab, seed, drop_unknown)
         texts = self._sampler(self.network, self.vocab, ids, length, temperature, top_k, top_p,
                               num_samples, random_seed, on_step, **options)
@@ -87,6 +92,10 @@ class Model:
         text itself."""
         from charlm.evaluate import evaluate_model
 
+        for name, value in (("encoding", encoding), ("errors", errors), ("precision", precision),
+                            ("unknown", unknown)):
+            check_type(name, value, "str")
+        check_type("on_progress", on_progress, "callable")
         if self.device == "onnxruntime":
             raise CharlmError(f"{self.path} is an ONNX export, which can only sample; "
                               "evaluate the .pt checkpoint or a .safetensors export")
@@ -102,11 +111,28 @@ class Model:
                               unknown, on_progress, newline=self.config.data.newline)
 
 
+def _check_sampler_options(options: dict[str, Any]) -> None:
+    """``stop`` (a list of texts) and ``beam`` (a width), the sampler's keyword options."""
+    stop = options.get("stop", ())
+    if isinstance(stop, str) or not isinstance(stop, list | tuple):
+        raise ArgumentTypeError(f"stop must be a list of strings (stop=[...]), not "
+                                f"{type(stop).__name__} {printable(repr(stop))[:60]}")
+    for text in stop:
+        check_type("each stop text", text, "str")
+    if "beam" in options:
+        check_type("beam", options["beam"], "int")
+        if not 0 <= options["beam"] <= 4096:
+            raise ConfigError(f"beam must be in [0, 4096] (0: sample); got {options['beam']}")
+
+
 def load(path: str | os.PathLike, device: str = "cpu") -> Model:
     """The model in a file that ``charlm sample -c`` reads: a ``.pt`` checkpoint, a
     ``.safetensors`` export, or an ``.onnx`` export (onnxruntime and numpy only, on the CPU;
     it samples but does not evaluate). ``device``: cpu (default, the fastest for sampling one
     stream), auto, cuda, cuda:N or mps."""
+    if not isinstance(path, str | os.PathLike):
+        raise ArgumentTypeError(f"path must be a str or a path, not {type(path).__name__}")
+    check_type("device", device, "str")
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         # onnxruntime and numpy only: this path never imports torch.

@@ -23,7 +23,7 @@ import torch
 from charlm import __version__
 from charlm.atomic import atomic_write, atomic_write_text  # noqa: F401 - re-exported
 from charlm.config import SHAPE_FIELDS, Config, validate
-from charlm.errors import CharlmError, CheckpointError, first_line
+from charlm.errors import CharlmError, CheckpointError, first_line, path_error
 from charlm.model import CharRNN, build_model, parameter_shapes
 from charlm.units import bits
 from charlm.vocab import Vocab
@@ -92,10 +92,16 @@ def load(path: str | Path) -> dict[str, Any]:
     cannot run code; every failure becomes a one-line :class:`CheckpointError`.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint is not a file: {path}")
+    try:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint is not a file: {path}")
+        with open(path, "rb"):  # permission denied is said as such, not as damage
+            pass
+    except OSError as exc:
+        raise (path_error(exc, path) or CheckpointError(
+            f"cannot read {path}: {exc.strerror or exc}")) from None
     archive = zipfile.is_zipfile(path)
     if archive:
         _verify_archive(path)

@@ -447,6 +447,9 @@ def sample(
         checkpoint_path = _checkpoint(checkpoint_path)
     lm = load(checkpoint_path, device)  # what the Python API's charlm.load() gives
     model, vocab = lm.network, lm.vocab
+    if seed_file is not None and lm.config.data.newline == "normalize":
+        # Line endings as the model's training text was read: CRLF and CR become "\n".
+        seed = seed.replace("\r\n", "\n").replace("\r", "\n")
     check_stops(vocab, stops)
     if interactive:
         from charlm.interactive import Session
@@ -538,8 +541,9 @@ def _line(text: str) -> str:
 def _reader_gone() -> None:
     """stdout's reader went away (``charlm sample | head``): stop quietly with status 0.
     stdout is pointed at /dev/null so that Python's flush at exit cannot fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    from charlm.streams import to_devnull
+
+    to_devnull(sys.stdout)
     raise typer.Exit(0)
 
 
@@ -891,8 +895,9 @@ def _main(argv: list[str] | None) -> None:
     except BrokenPipeError:
         # The reader went away (charlm sample | head): exit quietly, without a second error
         # when Python flushes stdout at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        from charlm.streams import to_devnull
+
+        to_devnull(sys.stdout)
         sys.exit(0)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         _exit_if_interrupted()
@@ -914,7 +919,9 @@ def _main(argv: list[str] | None) -> None:
             # Files the library writes report their own errors: this is stdout (/dev/full, a
             # full disk under a redirect). Point it at /dev/null so the flush at exit is quiet.
             _error(f"cannot write the output: {exc.strerror}")
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            from charlm.streams import to_devnull
+
+            to_devnull(sys.stdout)
             sys.exit(1)
         if os.environ.get("CHARLM_DEBUG"):
             raise

@@ -220,6 +220,7 @@ def load_corpus(
     drop_unknown: bool = False,
     use_cache: bool = True,
     newline: str = "normalize",
+    evaluating: bool = False,
 ) -> Corpus:
     """Read and encode a text file (or directory of ``*.txt``).
 
@@ -227,11 +228,15 @@ def load_corpus(
     ``vocab`` are an error, or dropped and counted when ``drop_unknown``. ``newline``:
     "normalize" reads CRLF and CR line endings as ``\n`` (as Python's text mode does),
     "keep" keeps them as characters. The cache is best effort: when it cannot be written
-    the ids are kept in memory and ``notes`` says so.
+    the ids are kept in memory and ``notes`` says so. ``evaluating`` (``charlm eval``): only
+    an empty text is refused, and a text with no character of ``vocab`` gives no ids.
     """
     source = _source(path, encoding, errors)
     present, total, crlf = _scan_cached(source, encoding, errors, use_cache, newline)
-    if total == 0 or not any(chr(int(c)).strip() for c in present):
+    if total == 0:
+        raise DataError(f"{source.name} is empty; nothing to "
+                        + ("evaluate" if evaluating else "train on"))
+    if not evaluating and not any(chr(int(c)).strip() for c in present):
         raise DataError(f"{source.name} is empty or only whitespace; nothing to train on")
     if vocab is None:
         vocab = Vocab.from_code_points(present)
@@ -253,13 +258,18 @@ def load_corpus(
         out = np.empty(total, dtype=dtype)
     try:
         n, unknown = _encode_to(out, source, vocab, encoding, errors, drop_unknown, newline)
-        if n == 0:
+        if n == 0 and not evaluating:
             raise DataError(f"{source.name} has no characters in the vocabulary")
     except BaseException:
         if use_cache:
             del out
             remove_quietly(tmp)
         raise
+    if n == 0:  # evaluating: no ids (--unknown charge counts the characters), nothing cached
+        if use_cache:
+            del out
+            remove_quietly(tmp)
+        return Corpus(np.empty(0, dtype=dtype), vocab, source, unknown, crlf, notes, newline)
     if not use_cache:
         return Corpus(out[:n], vocab, source, unknown, crlf, notes, newline)
     crc = _checksum(out[:n])

@@ -4,7 +4,7 @@ ONNX export works where torch is not installed."""
 
 from __future__ import annotations
 
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, ConfigError, check_type
 from charlm.vocab import Vocab
 
 
@@ -36,29 +36,39 @@ MAX_CHARS = 100_000_000
 
 def check_options(length: int, temperature: float | list[float], top_k: int, top_p: float,
                   num_samples: int, random_seed: int | None = None):
+    """The sampling options' types (the Python API's names: ``length=1.5`` is an
+    ArgumentTypeError, a TypeError) and ranges (ConfigError, exit 2, with the options' names)."""
+    check_type("length", length, "int")
     temps = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature]
+    for t in temps:
+        check_type("temperature", t, "number")
+    check_type("top_k", top_k, "int")
+    check_type("top_p", top_p, "number")
+    check_type("num_samples", num_samples, "int")
+    if random_seed is not None:
+        check_type("random_seed", random_seed, "int")
     if not 0 <= length <= MAX_CHARS:
-        raise CharlmError(f"--length must be in [0, {MAX_CHARS}]; got {length}")
+        raise ConfigError(f"--length must be in [0, {MAX_CHARS}]; got {length}")
     for t in temps:
         if not 0.0 <= t <= 100.0:
-            raise CharlmError(f"--temperature must be in [0, 100]; got {t}")
+            raise ConfigError(f"--temperature must be in [0, 100]; got {t}")
     if not 1 <= len(temps) <= 64:
-        raise CharlmError(f"give 1 to 64 temperatures; got {len(temps)}")
+        raise ConfigError(f"give 1 to 64 temperatures; got {len(temps)}")
     num_samples_all = num_samples * len(temps)
     if top_k < 0:
-        raise CharlmError(f"--top-k must be >= 0 (0 = off); got {top_k}")
+        raise ConfigError(f"--top-k must be >= 0 (0 = off); got {top_k}")
     if not 0.0 < top_p <= 1.0:
-        raise CharlmError(f"--top-p must be in (0, 1]; got {top_p}")
+        raise ConfigError(f"--top-p must be in (0, 1]; got {top_p}")
     if not 1 <= num_samples <= 65536:
-        raise CharlmError(f"--num-samples must be in [1, 65536]; got {num_samples}")
+        raise ConfigError(f"--num-samples must be in [1, 65536]; got {num_samples}")
     if length * num_samples_all > MAX_CHARS:
-        raise CharlmError(
+        raise ConfigError(
             f"--num-samples x --length x temperatures is {num_samples_all * length:,} "
             f"characters, more than "
             f"{MAX_CHARS:,}; generate fewer or shorter samples"
         )
     if random_seed is not None and not 0 <= random_seed < 2**63:
-        raise CharlmError(f"--random-seed must be in [0, 2**63 - 1]; got {random_seed}")
+        raise ConfigError(f"--random-seed must be in [0, 2**63 - 1]; got {random_seed}")
 
 
 # A seed is read whole (and the model warmed on all of it): bound the bytes read, so that
@@ -108,7 +118,7 @@ def parse_temperatures(values: list[str] | None, default: float = 0.8) -> list[f
             try:
                 temps.append(float(part))
             except ValueError:
-                raise CharlmError(
+                raise ConfigError(
                     f"--temperature takes numbers like 0.8 or 0.5,1.0; got {value!r}"
                 ) from None
     return temps or [default]
@@ -135,7 +145,7 @@ def check_stops(vocab: Vocab, stops: list[str]) -> None:
     """A stop text with a character outside the vocabulary could never end a sample."""
     for s in stops:
         if not s:
-            raise CharlmError("--stop texts must not be empty")
+            raise ConfigError("--stop texts must not be empty")
         missing = vocab.unknown_chars(s)
         if missing:
             shown = ", ".join(repr(c) for c in missing[:20])
@@ -186,7 +196,7 @@ def check_beam(beam: int, temperatures: list[float], top_k: int, top_p: float,
     if beam == 0:
         return
     if not 1 <= beam <= 4096:
-        raise CharlmError(f"--beam must be in [1, 4096]; got {beam}")
+        raise ConfigError(f"--beam must be in [1, 4096]; got {beam}")
     if onnx:
         raise CharlmError(BEAM_NEEDS_TORCH)
     clash = [name for name, on in (
@@ -195,7 +205,7 @@ def check_beam(beam: int, temperatures: list[float], top_k: int, top_p: float,
         ("--num-samples", num_samples != 1), ("--random-seed", random_seed is not None),
     ) if on]
     if clash:
-        raise CharlmError(
+        raise ConfigError(
             f"--beam finds the single most likely text; it does not combine with {', '.join(clash)}"
         )
 
@@ -207,7 +217,7 @@ def check_interactive(interactive: bool, keep_state: bool, seed: str, seed_file:
                       beam: int, num_samples: int, temperatures: list[float], onnx: bool) -> None:
     """The interactive mode continues one typed line at a time, from the PyTorch model."""
     if keep_state and not interactive:
-        raise CharlmError("--keep-state only applies with --interactive")
+        raise ConfigError("--keep-state only applies with --interactive")
     if not interactive:
         return
     clash = [name for name, on in (
@@ -216,7 +226,7 @@ def check_interactive(interactive: bool, keep_state: bool, seed: str, seed_file:
         ("an ONNX model", onnx),
     ) if on]
     if clash:
-        raise CharlmError("--interactive continues the lines you type, one at a time; it does "
+        raise ConfigError("--interactive continues the lines you type, one at a time; it does "
                           f"not combine with {', '.join(clash)}")
 
 

@@ -63,6 +63,10 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: fp16 with loss scaling on CUDA (see :func:`amp_plan`), bf16 on CPUs that run
     it natively, else fp32; fp32 on MPS."""
+    from charlm.config import PRECISIONS
+
+    if precision not in PRECISIONS:  # before oneDNN or CUDA sees it
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if device.type == "mps":
         # Autocast of RNN kernels on MPS is untested here: keep the weights' fp32.
         if precision not in ("auto", "fp32"):

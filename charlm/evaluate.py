@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from charlm import checkpoint
 from charlm.data import as_tensor, eval_windows, load_corpus
 from charlm.device import autocast, resolve_device, resolve_precision
-from charlm.errors import DataError
+from charlm.config import PRECISIONS
+from charlm.errors import ConfigError, DataError
+from charlm.text import check_encoding
 from charlm.model import CharRNN
 from charlm.units import LN2, bits
 from charlm.vocab import Vocab
@@ -33,6 +35,7 @@ from charlm.vocab import Vocab
 # points, the bits of naming any one of them with no model at all.
 UNKNOWN_BITS = math.log2(0x110000)
 UNKNOWN_CHOICES = ("drop", "charge")
+ERRORS = ("strict", "replace")  # data.errors
 
 
 def _eval_forward(model: CharRNN, amp) -> Callable:
@@ -155,10 +158,18 @@ def evaluate_model(
     = "charge"``) counted at UNKNOWN_BITS each. ``on_progress(done, total)`` follows the
     predictions; ``streams`` windows of ``seq_len`` are evaluated at once."""
     if unknown not in UNKNOWN_CHOICES:
-        raise DataError(f"unknown must be one of {', '.join(UNKNOWN_CHOICES)}; got {unknown!r}")
+        raise ConfigError(f"--unknown must be one of {', '.join(UNKNOWN_CHOICES)}; got {unknown!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if errors not in ERRORS:
+        raise ConfigError(f"errors must be one of {', '.join(ERRORS)}; got {errors!r}")
+    try:
+        check_encoding(encoding)
+    except DataError as exc:
+        raise ConfigError(f"--encoding: {exc}") from None
     if isinstance(text, Path):
         corpus = load_corpus(text, vocab=vocab, encoding=encoding, errors=errors,
-                             drop_unknown=True, newline=newline)
+                             drop_unknown=True, newline=newline, evaluating=True)
         ids, dropped, what = corpus.ids, corpus.unknown, str(text)
     else:
         if newline == "normalize":
@@ -167,7 +178,13 @@ def evaluate_model(
         kept = "".join(c for c in text if c in known)
         ids, dropped, what = vocab.encode(kept), len(text) - len(kept), "the text"
     if len(ids) < 2:
-        raise DataError(f"{what} has fewer than 2 characters in the model's vocabulary")
+        if unknown == "charge" and dropped:  # no prediction: each character is charged
+            return EvalResult(UNKNOWN_BITS * LN2, 0, dropped, unknown)
+        if isinstance(text, str) and not text:
+            raise DataError("the text is empty; nothing to evaluate")
+        few = "no characters" if len(ids) == 0 else "fewer than 2 characters"
+        raise DataError(f"{what} has {few} in the model's vocabulary"
+                        + ("; --unknown charge counts the others" if dropped else ""))
     device = model.head.weight.device
     amp = autocast(device, resolve_precision(precision, device))
     predictions, done = len(ids) - 1, [0]

@@ -23,7 +23,7 @@ import numpy as np
 from charlm.cells import state_names
 from charlm.config import Config, validate
 from charlm.decoding import BEAM_NEEDS_TORCH, StopScan, start_ids
-from charlm.errors import CharlmError, CheckpointError, first_line
+from charlm.errors import CharlmError, CheckpointError, first_line, path_error
 from charlm.extras import require
 from charlm.vocab import Vocab
 
@@ -111,12 +111,13 @@ def _check_signature(path: Path, session: Any, config: Config, vocab: Vocab) -> 
 def read_bytes(path: Path, what: str) -> bytes:
     """An export's bytes, read by Python, so that any file name the OS allows works (the
     Rust and C++ readers are never given the name)."""
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
     try:
+        if not path.is_file():
+            raise CheckpointError(f"{what} not found: {path}")
         return path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+        raise (path_error(exc, path)
+               or CheckpointError(f"cannot read {path}: {exc.strerror}")) from None
 
 
 def load(path: str | Path) -> OnnxModel:

@@ -46,7 +46,10 @@ class Pacer:
     def __init__(self, eval_every: int, log_every: int, max_steps: int, max_time: float,
                  max_epochs: float, steps_per_epoch: int, step: int = 0, now: float = 0.0):
         self.eval_every, self.log_every, self.max_time = eval_every, log_every, max_time
-        planned = [n for n in (max_steps, math.ceil(max_epochs * steps_per_epoch)) if n > 0]
+        # An epoch limit beyond any step count (1e308 epochs: the product is infinite) plans
+        # as many steps as can be counted.
+        epoch_steps = min(max_epochs * steps_per_epoch, float(2**62))
+        planned = [n for n in (max_steps, math.ceil(epoch_steps)) if n > 0]
         self.planned_steps = min(planned) if planned else 0
         self.last_now = now
         self.start_step, self.start_now = step, now
