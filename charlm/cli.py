@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from charlm.cells import CHOICES_TEXT as CELL_CHOICES
-from charlm.errors import CharlmError, internal_error, path_error, printable
+from charlm.errors import CharlmError, ConfigError, internal_error, path_error, printable
 
 app = typer.Typer(
     help="Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export.",
@@ -131,7 +131,7 @@ def _random_seed(random_seed: int | None, seed: int | None) -> int | None:
     if seed is None:
         return random_seed
     if random_seed is not None:
-        raise CharlmError("--seed is the old spelling of --random-seed; give only --random-seed")
+        raise ConfigError("--seed is the old spelling of --random-seed; give only --random-seed")
     err.print("note: train --seed is deprecated and will be removed; use --random-seed "
               "(as in every command; in sample, --seed is the text to start from)")
     return seed
@@ -222,16 +222,16 @@ def train(
     # setup is reported once and stops them all.
     with from_env(dist_timeout) as dist:
         if resume and init_from:
-            raise CharlmError("--resume and --init-from cannot be used together")
+            raise ConfigError("--resume and --init-from cannot be used together")
         if allow_other_data and not resume:
-            raise CharlmError("--allow-other-data only applies with --resume")
+            raise ConfigError("--allow-other-data only applies with --resume")
         if drop_unknown and not (resume or init_from):
-            raise CharlmError("--drop-unknown only applies with --resume or --init-from "
+            raise ConfigError("--drop-unknown only applies with --resume or --init-from "
                               "(a new run's vocabulary is built from its text)")
         if grow_vocab and (not init_from or drop_unknown):
-            raise CharlmError("--grow-vocab only applies with --init-from, and not with --drop-unknown")
+            raise ConfigError("--grow-vocab only applies with --init-from, and not with --drop-unknown")
         if no_samples and sample_every:
-            raise CharlmError("--no-samples and --sample-every cannot be used together")
+            raise ConfigError("--no-samples and --sample-every cannot be used together")
         resume_ckpt = init_ckpt = None
         if resume is not None:
             ckpt_path = resume / "last.pt" if resume.is_dir() else resume
@@ -281,7 +281,7 @@ def train(
             if dist.rank == 0:
                 err.print(f"training on tiny Shakespeare: {_literal(file)}")
         if stop_at_step < 0:
-            raise CharlmError(f"--stop-at-step must be >= 0; got {stop_at_step}")
+            raise ConfigError(f"--stop-at-step must be >= 0; got {stop_at_step}")
         if grow_vocab:
             from charlm.data import scan_code_points
 
@@ -436,7 +436,7 @@ def sample(
     stops = [unescape(text) for text in stop or []]
     if seed_file is not None:
         if seed:
-            raise CharlmError("--seed and --seed-file cannot be used together")
+            raise ConfigError("--seed and --seed-file cannot be used together")
         seed = read_seed_file(seed_file)
     if checkpoint_path is None:
         from charlm.runs import latest_checkpoint

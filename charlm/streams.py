@@ -147,7 +147,7 @@ class GuardedStream:
         """Turn this stream off after ``exc``; raise it on where this stream must not be lost."""
         first = self.lost is None
         self.lost = _why(exc)
-        _to_devnull(self.stream)
+        to_devnull(self.stream)
         if self._raises():
             self._raise(exc)
         if first:
@@ -191,7 +191,7 @@ def _hint(encoding: str) -> None:
             pass
 
 
-def _to_devnull(stream) -> None:
+def to_devnull(stream) -> None:
     """Point the descriptor of a lost standard stream at /dev/null: the bytes still buffered in
     it are then flushed there at exit, without an "Exception ignored" message."""
     try:
