@@ -206,6 +206,8 @@ def check_resume_out(checkpoint_path: Path, out_dir: Path) -> None:
     """``--resume A --out B``: B must be A's own directory, or hold no run, since resuming
     replaces its checkpoints, config and metrics."""
     home = checkpoint_path.resolve().parent
+    if out_dir.is_dir() and out_dir.resolve() != home:
+        check_owned(out_dir)  # a directory of the user's own files: named as such
     if out_dir.resolve() == home or not is_run_dir(out_dir):
         return
     raise CharlmError(

@@ -75,6 +75,16 @@ def test_any_foreign_file_makes_the_directory_refused(files, text_file, tmp_path
     assert not (proj / ".charlm-run").exists() and not (proj / ".lock").exists()
 
 
+def test_resuming_into_a_directory_of_user_files_is_refused(tiny_run, tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "config.toml").write_text("[train]\nmax_steps = 7\n")
+    before = snapshot(proj)
+    proc = run_cli("train", "--resume", tiny_run, "--out", proj, "--max-steps", "50")
+    assert_clean_error(proc, "not a charlm run", "config.toml")
+    assert snapshot(proj) == before
+
+
 def test_out_proc_self_names_the_real_cause(text_file):
     if not Path("/proc/self").is_dir():
         pytest.skip("no /proc here")
