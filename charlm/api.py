@@ -72,6 +72,11 @@ class Model:
         check_type("include_seed", include_seed, "bool")
         check_type("on_step", on_step, "callable")
         _check_sampler_options(options)
+        # numpy numbers (np.int64, np.float32) as the Python numbers the samplers expect
+        length, top_k, top_p, num_samples = int(length), int(top_k), float(top_p), int(num_samples)
+        temperature = ([float(t) for t in temperature] if isinstance(temperature, list | tuple)
+                       else float(temperature))
+        random_seed = None if random_seed is None else int(random_seed)
         ids = seed_ids(self.vocab, seed, drop_unknown)
         texts = self._sampler(self.network, self.vocab, ids, length, temperature, top_k, top_p,
                               num_samples, random_seed, on_step, **options)

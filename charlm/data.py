@@ -233,10 +233,9 @@ def load_corpus(
     """
     source = _source(path, encoding, errors)
     present, total, crlf = _scan_cached(source, encoding, errors, use_cache, newline)
-    if total == 0:
-        raise DataError(f"{source.name} is empty; nothing to "
-                        + ("evaluate" if evaluating else "train on"))
-    if not evaluating and not any(chr(int(c)).strip() for c in present):
+    if total == 0 and evaluating:
+        raise DataError(f"{source.name} is empty; nothing to evaluate")
+    if total == 0 or not evaluating and not any(chr(int(c)).strip() for c in present):
         raise DataError(f"{source.name} is empty or only whitespace; nothing to train on")
     if vocab is None:
         vocab = Vocab.from_code_points(present)

@@ -27,7 +27,7 @@ from torch import nn
 
 from charlm import __version__, checkpoint, onnx_runtime
 from charlm.cells import state_names
-from charlm.errors import CharlmError, first_line
+from charlm.errors import CharlmError, ConfigError, first_line
 from charlm.extras import require
 from charlm.files import remove_stale_temporaries
 from charlm.model import CharRNN, state_from_tensors, state_tensors
@@ -244,14 +244,14 @@ def export_checkpoint(
 
     An existing ``output`` is replaced only with ``force``, and then atomically."""
     if fmt not in SUFFIXES:
-        raise CharlmError(f"--format must be one of {', '.join(SUFFIXES)}; got {fmt!r}")
+        raise ConfigError(f"--format must be one of {', '.join(SUFFIXES)}; got {fmt!r}")
     src = Path(checkpoint_path)
     out = Path(output) if output is not None else default_output(src, fmt)
     if out.suffix.lower() != SUFFIXES[fmt]:
-        raise CharlmError(f"the output of --format {fmt} must end in {SUFFIXES[fmt]}: {out}")
+        raise ConfigError(f"the output of --format {fmt} must end in {SUFFIXES[fmt]}: {out}")
     ckpt = checkpoint.read(src)
     if out.exists() and out.resolve() == src.resolve():
-        raise CharlmError(f"the output {out} is the checkpoint itself; choose another --output")
+        raise ConfigError(f"the output {out} is the checkpoint itself; choose another --output")
     if out.is_dir():
         raise CharlmError(f"the output {out} is a directory")
     if out.exists() and not force:

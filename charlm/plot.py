@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from charlm.atomic import atomic_write
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, ConfigError
 from charlm.runs import read_metrics
 from charlm.units import LN2
 
@@ -125,13 +125,13 @@ def plot_runs(
     or here for several runs). A run without metrics yet is skipped and named in
     ``skipped`` (with why), unless no run has any."""
     if not run_dirs:
-        raise CharlmError("give at least one run directory to plot")
+        raise ConfigError("give at least one run directory to plot")
     for name, value in (("width", width), ("height", height)):
         if not 100 <= value <= 10_000:
-            raise CharlmError(f"--{name} must be in [100, 10000] pixels; got {value}")
+            raise ConfigError(f"--{name} must be in [100, 10000] pixels; got {value}")
     kind = Path(output).suffix.lower().lstrip(".") if output is not None else "png"
     if kind not in FORMATS:
-        raise CharlmError(f"--output must be a .png, .svg or .pdf file; got {output}")
+        raise ConfigError(f"--output must be a .png, .svg or .pdf file; got {output}")
     curves, skipped = [], []
     for d in run_dirs:
         try:
