@@ -207,3 +207,94 @@ def test_metrics_long_line_is_named_in_the_warning(tmp_path):
     warnings: list[str] = []
     assert [r["step"] for r in read_metrics(path, warnings)] == [1, 2]
     assert len(warnings) == 1 and "line 2: longer than 1 MiB" in warnings[0], warnings
+
+
+# -------------------------------------------------------------------------- beam search
+def _beam_piped(tiny_run, *args, read: int, timeout: float) -> tuple[int, bytes, str]:
+    """``charlm sample --beam ... | head -c READ``: a real pipe whose reader goes away."""
+    from conftest import charlm_exe
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([*charlm_exe(), "sample", "-c", str(tiny_run), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=_limit_memory)
+    try:
+        got = proc.stdout.read(read)
+        proc.stdout.close()  # the reader goes away, as head does
+        code = proc.wait(timeout=timeout)
+        err = proc.stderr.read().decode()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"charlm sample {' '.join(map(str, args))} | head ran past {timeout} s")
+    finally:
+        proc.stderr.close()
+    return code, got, err
+
+
+def test_beam_length_is_bounded_before_it_starts(tiny_run):
+    # The old code never returned (100 M steps, back-pointers growing all the while).
+    code, got, err = _beam_piped(tiny_run, "--beam", 2, "-n", 100_000_000, read=100,
+                                 timeout=40)
+    assert code == 2, err
+    assert got == b""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "at most 10,000 characters" in lines[0], err
+    assert "--length" in lines[0] and "Traceback" not in err
+
+
+def test_wide_long_beam_is_refused_at_once(tiny_run):
+    # --beam 4096 -n 100000 took 3.7 GB in 30 s on the old code.
+    proc, took = _timed("sample", "-c", tiny_run, "--beam", 4096, "-n", 100_000, timeout=40)
+    assert_clean_error(proc, "--beam", "at most 10,000")
+    assert proc.returncode == 2
+
+
+def test_beam_memory_is_bounded_before_it_starts():
+    """A vocabulary of 6,000 characters: 4,096 beams score 24.6 M candidates a step in float64
+    (several copies), over the 1 GiB bound: refused before the first step."""
+    import numpy as np
+
+    from charlm.beam import MAX_BEAM_BYTES, beam_bytes, beam_search
+    from charlm.config import ModelConfig
+    from charlm.errors import ConfigError
+    from charlm.model import CharRNN
+    from charlm.vocab import Vocab
+
+    vocab = Vocab.from_code_points(np.arange(0x4E00, 0x4E00 + 6000))
+    model = CharRNN(len(vocab), ModelConfig(embed_size=8, hidden_size=8))
+    need = beam_bytes(model, len(vocab), 5000, 4096)
+    assert need > MAX_BEAM_BYTES
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"--beam 4096 over 5,000 characters needs about .* GiB, "
+                                          r"more than the 1 GiB .*lower --beam or --length"):
+        beam_search(model, vocab, [], 5000, 4096)
+    assert time.monotonic() - start < 5
+    # The back-pointers are compact: 6 bytes a beam a step, so the longest beam of the CLI's
+    # widest search fits (4,096 x 10,000 x 6 = 246 MB) for a small vocabulary.
+    small = Vocab.from_code_points(np.arange(97, 97 + 40))
+    tiny = CharRNN(len(small), ModelConfig(embed_size=8, hidden_size=8))
+    assert beam_bytes(tiny, len(small), 10_000, 4096) < MAX_BEAM_BYTES
+
+
+def test_exhaustive_width_allocates_only_the_live_beams():
+    """A width above V ** (length - 1) is exhaustive: memory is counted (and allocated) for the
+    beams that can be live, not for the width asked for."""
+    import numpy as np
+
+    from charlm.beam import beam_bytes, beam_search
+    from charlm.config import ModelConfig
+    from charlm.model import CharRNN
+    from charlm.vocab import Vocab
+
+    vocab = Vocab.from_code_points(np.arange(97, 100))
+    model = CharRNN(len(vocab), ModelConfig(embed_size=4, hidden_size=4))
+    assert beam_bytes(model, 3, 4, 10**9) == beam_bytes(model, 3, 4, 27)
+    assert len(beam_search(model, vocab, [0], 4, 10**9).ids) == 4
+
+
+def test_beam_output_to_a_closed_pipe_stops_quietly(tiny_run):
+    code, got, err = _beam_piped(tiny_run, "--beam", 4, "-n", 400, read=10, timeout=60)
+    assert code == 0, err
+    assert len(got) == 10
+    assert "Traceback" not in err and "error" not in err.lower(), err
