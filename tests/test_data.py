@@ -174,7 +174,9 @@ def test_load_corpus_encodes(text_file):
 
 
 def test_cache_hit_skips_decoding_and_memory_maps(text_file, monkeypatch):
-    """A second load of the same text neither scans it for its vocabulary nor encodes it."""
+    """A second load of the same text neither scans it for its vocabulary nor encodes it.
+    (Ids above IN_MEMORY_IDS_BYTES are memory-mapped; the bound is lowered to test that.)"""
+    monkeypatch.setattr(charlm.data, "IN_MEMORY_IDS_BYTES", 0)
     crlf_file = text_file.with_name("crlf.txt")
     crlf_file.write_bytes(b"one\r\ntwo\r\n" * 20)
     first, first_crlf = load_corpus(text_file), load_corpus(crlf_file)
@@ -234,7 +236,9 @@ def test_cache_slices_map_their_own_characters(tmp_path_factory, a, b):
     not to the start of the file: numpy slices inherit the parent's ``offset``."""
     path = tmp_path_factory.mktemp("slices") / "t.txt"
     path.write_text("".join(chr(97 + i % 26) for i in range(1000)), encoding="utf-8")
-    corpus = load_corpus(path)
+    with pytest.MonkeyPatch.context() as m:  # memory-mapped above IN_MEMORY_IDS_BYTES
+        m.setattr(charlm.data, "IN_MEMORY_IDS_BYTES", 0)
+        corpus = load_corpus(path)
     assert isinstance(corpus.ids, np.memmap)
     lo, hi = sorted((a, b))
     for part in (corpus.ids[lo:hi], *split(corpus.ids, 0.1), corpus.ids[lo:][: hi - lo]):

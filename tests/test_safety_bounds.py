@@ -298,3 +298,64 @@ def test_beam_output_to_a_closed_pipe_stops_quietly(tiny_run):
     assert code == 0, err
     assert len(got) == 10
     assert "Traceback" not in err and "error" not in err.lower(), err
+
+
+# ------------------------------------------------------------- ids cache truncated in use
+def test_truncated_ids_cache_under_a_running_training(tmp_path):
+    """The ids cache is truncated (another run cleaning the cache, a full disk) while a
+    training reads it: the old code memory-mapped it and died with SIGBUS (-7), no checkpoint.
+    Now a text's ids (below 1 GiB) are read into memory, so training goes on."""
+    from conftest import SHAKESPEARE, charlm_exe
+
+    text = tmp_path / "input.txt"
+    text.write_bytes(SHAKESPEARE.read_bytes())
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHARLM_CACHE_DIR": str(cache)}
+    proc = subprocess.Popen(
+        [*charlm_exe(), "train", str(text), "--config", str(TINY_CONFIG), "--out",
+         str(tmp_path / "run"), "--no-progress", "--max-steps", "400",
+         "--set", "train.eval_every=100", "--set", "train.log_every=10"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and metrics.stat().st_size > 0:  # training has started
+                break
+            time.sleep(0.05)
+        bins = list((cache / "ids").glob("*.bin"))
+        assert proc.poll() is None, "training ended before the cache could be truncated"
+        assert len(bins) == 1, bins
+        os.truncate(bins[0], 0)
+        code = proc.wait(timeout=120)
+        err = proc.stderr.read().decode()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("training ran past 120 s after its cache was truncated")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert code != -7, "SIGBUS: the truncated cache was still memory-mapped"
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_small_cached_ids_are_read_into_memory(text_file):
+    """Both the first load (which writes the cache) and a cache hit hold small ids in memory,
+    not a memory map that a truncation of the cache file would turn into SIGBUS."""
+    import numpy as np
+
+    from charlm.data import load_corpus
+
+    first, second = load_corpus(text_file), load_corpus(text_file)
+    for corpus in (first, second):
+        assert not isinstance(corpus.ids, np.memmap)
+    assert np.array_equal(first.ids, second.ids)
+    bins = list((Path(os.environ["CHARLM_CACHE_DIR"]) / "ids").glob("*.bin"))
+    assert len(bins) == 1
+    os.truncate(bins[0], 0)
+    assert first.vocab.decode(first.ids[-50:]) == second.vocab.decode(second.ids[-50:])
