@@ -395,7 +395,7 @@ def _print_loss_curve(run_dir: Path) -> None:
 def sample(
     checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint, export or run directory (default: best.pt of the newest run under runs/).")] = None,
     seed: Annotated[str, typer.Option("--seed", "-s", help="Text to start from.")] = "",
-    seed_file: Annotated[str | None, typer.Option("--seed-file", metavar="PATH", help="Start from the text of a file (any length; - for standard input). It is not echoed.")] = None,
+    seed_file: Annotated[str | None, typer.Option("--seed-file", metavar="PATH", help="Start from the text of a file (up to 16 MiB; - for standard input). It is not echoed.")] = None,
     length: Annotated[int, typer.Option("--length", "-n", help="Characters to generate.")] = 500,
     temperature: Annotated[list[str] | None, typer.Option("--temperature", "-t", metavar="T[,T...]", help="0 is greedy; several (-t 0.5 -t 1 or 0.5,1) give samples for each. Default 0.8.")] = None,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely (0: all).")] = 0,
