@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_CONFIG, assert_clean_error, run_charlm
 
 # The old code hashed a sparse 10 GB file for ~30 s before looking at its first byte.
@@ -113,8 +112,9 @@ def test_interactive_long_line_ends_the_session_with_one_line(tiny_run):
 
 
 def test_interactive_line_just_under_the_bound_is_read(tiny_run):
-    from charlm.interactive import MAX_LINE_CHARS, line_reader
     import io
+
+    from charlm.interactive import MAX_LINE_CHARS, line_reader
 
     text = "a" * MAX_LINE_CHARS + "\n" + "b" * (MAX_LINE_CHARS + 1) + "\n"
     read_line = line_reader(io.StringIO(text))
