@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from charlm.bench import synthetic_text
+from charlm.training.bench import synthetic_text
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
             for _ in range(max(1, args.mb // 16)):
                 f.write(block)
         size_mb = text.stat().st_size / 1e6
-        from charlm.data import load_corpus
+        from charlm.data.batching import load_corpus
 
         for label in ("first load (encode + cache)", "second load (cache hit)"):
             t = time.perf_counter()

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from charlm.bench import synthetic_text, train_speed
 from charlm.config import load_toml
+from charlm.data.vocab import Vocab
 from charlm.device import resolve_device, resolve_precision, set_threads
 from charlm.evaluate import evaluate_model
-from charlm.model import build_model
-from charlm.vocab import Vocab
+from charlm.model.network import build_model
+from charlm.training.bench import synthetic_text, train_speed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,14 +36,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from charlm import checkpoint  # noqa: E402
-from charlm.bench import matmul_gflops, sample_speed, train_flops_per_char, train_speed  # noqa: E402
 from charlm.config import Config, load_toml  # noqa: E402
-from charlm.corpus import tiny_shakespeare  # noqa: E402
+from charlm.data.corpus import tiny_shakespeare  # noqa: E402
+from charlm.data.vocab import Vocab  # noqa: E402
 from charlm.device import allow_tf32, amp_plan, autocast  # noqa: E402
-from charlm.model import build_model  # noqa: E402
-from charlm.runs import read_metrics  # noqa: E402
-from charlm.vocab import Vocab  # noqa: E402
+from charlm.model.network import build_model  # noqa: E402
+from charlm.runs.directory import read_metrics  # noqa: E402
+from charlm.storage import checkpoint  # noqa: E402
+from charlm.training.bench import matmul_gflops, sample_speed, train_flops_per_char, train_speed  # noqa: E402
 
 GPU_CONFIG = REPO / "configs" / "gpu.toml"
 PRECISIONS = ("fp32", "bf16", "fp16")

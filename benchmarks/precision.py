@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 from charlm.config import load_toml
-from charlm.corpus import tiny_shakespeare
-from charlm.train import train
+from charlm.data.corpus import tiny_shakespeare
+from charlm.training.setup import train
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = tiny_shakespeare()  # the copy shipped with charlm

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.corpus import tiny_shakespeare
+from charlm.data.corpus import tiny_shakespeare
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = tiny_shakespeare()  # the copy shipped with charlm
@@ -43,7 +43,7 @@ def run_baseline(seconds: float) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from baseline import tutorial_train, tutorial_val_loss
 
-    from charlm.data import load_corpus, split
+    from charlm.data.batching import load_corpus, split
 
     corpus = load_corpus(CORPUS)
     train, val = split(np.asarray(corpus.ids), 0.1)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from charlm.bench import sample_speed, synthetic_text
 from charlm.config import ModelConfig, load_toml
+from charlm.data.vocab import Vocab
 from charlm.device import set_threads
-from charlm.model import build_model
-from charlm.vocab import Vocab
+from charlm.model.network import build_model
+from charlm.training.bench import sample_speed, synthetic_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from baseline import tutorial_train
 
-from charlm.bench import synthetic_text, train_speed
 from charlm.config import Config, load_toml
 from charlm.device import resolve_precision, set_threads
+from charlm.training.bench import synthetic_text, train_speed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """charlm: character-level RNN/LSTM/GRU language models.
 
-The Python API (README, "Python API"); ``import charlm`` stays light: torch is imported only
+The Python API (docs/python-api.md); ``import charlm`` stays light: torch is imported only
 when a model is loaded or trained.
 
     charlm.load(path, device="cpu") -> charlm.Model   .generate(...), .evaluate(...)
@@ -9,23 +9,19 @@ when a model is loaded or trained.
 """
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("charlm")  # one source: pyproject.toml, as installed
-except PackageNotFoundError:  # a checkout on sys.path that was never installed
-    __version__ = "0+unknown"
+from charlm._version import __version__
 
 __all__ = ["Model", "load", "train", "tiny_shakespeare", "__version__"]
 
-_LAZY = {"Model": "charlm.api", "load": "charlm.api", "tiny_shakespeare": "charlm.corpus"}
+_LAZY = {"Model": "charlm.api", "load": "charlm.api", "tiny_shakespeare": "charlm.data.corpus"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
-    if name == "train":  # the module charlm.train, which is callable (charlm.train.run)
-        return import_module("charlm.train")
+    if name == "train":  # a plain function: charlm.train(path, config=None, out=None, **overrides)
+        return import_module("charlm.training.setup").run
     raise AttributeError(f"module 'charlm' has no attribute {name!r}")
 
 

@@ -23,7 +23,7 @@ class Model:
     """A trained model, ready to sample from and to evaluate.
 
     Attributes: ``path`` (the file it came from), ``config`` (a :class:`charlm.config.Config`),
-    ``vocab`` (a :class:`charlm.vocab.Vocab`), ``device`` (``"onnxruntime"`` for an ONNX export)
+    ``vocab`` (a :class:`charlm.data.vocab.Vocab`), ``device`` (``"onnxruntime"`` for an ONNX export)
     and ``network`` (the ``torch.nn.Module``, or the onnxruntime session wrapper).
     """
 
@@ -40,7 +40,7 @@ class Model:
     def seed_text(self, seed: str, drop_unknown: bool = False) -> str:
         """The seed as the model continues it: characters outside the vocabulary are an
         error listing them, or, with ``drop_unknown``, dropped."""
-        from charlm.decoding import seed_ids
+        from charlm.sampling.options import seed_ids
 
         return self.vocab.decode(seed_ids(self.vocab, seed, drop_unknown))
 
@@ -64,7 +64,7 @@ class Model:
         False). ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off; the same
         ``random_seed`` gives the same text. ``on_step`` receives the new ids (one per sample)
         after each step. Other keyword ``options`` go to the sampler unchanged."""
-        from charlm.decoding import check_options, seed_ids
+        from charlm.sampling.options import check_options, seed_ids
 
         check_type("seed", seed, "str")
         check_options(length, temperature, top_k, top_p, num_samples, random_seed)
@@ -141,15 +141,15 @@ def load(path: str | os.PathLike, device: str = "cpu") -> Model:
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         # onnxruntime and numpy only: this path never imports torch.
-        from charlm import onnx_runtime
+        from charlm.storage import onnx as onnx_runtime
 
         if device not in ("cpu", "auto"):
             raise CharlmError("an ONNX model runs on the CPU with onnxruntime; drop --device")
         net = onnx_runtime.load(path)
         return Model(net, net.vocab, net.config, path, "onnxruntime", onnx_runtime.generate)
-    from charlm import checkpoint
     from charlm.device import resolve_device
-    from charlm.sample import generate
+    from charlm.sampling.sampler import generate
+    from charlm.storage import checkpoint
 
     ckpt = checkpoint.read(path)
     config = checkpoint.config_of(ckpt)

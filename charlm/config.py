@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from charlm.cells import NAMES as CELLS
+from charlm.data.text import NEWLINES, check_encoding
 from charlm.errors import ConfigError, DataError
-from charlm.text import NEWLINES, check_encoding
+from charlm.model.cells import NAMES as CELLS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -58,11 +58,11 @@ class TrainConfig:
     max_time: float = 0.0
     max_epochs: float = 0.0
     # "auto": with a time budget (max_time), choose the model, batch, window, learning rate
-    # and dropout for it on this device (charlm.sizing). "fixed": train the shape configured.
+    # and dropout for it on this device (charlm.training.sizing). "fixed": train the shape configured.
     # The front ends (charlm train, charlm.train()) make it "auto" unless it or a shape field
     # is given; a Config built in Python trains its own shape.
     size: str = "fixed"
-    # Evaluate / log every N steps; 0 paces them to the run's limits (charlm.pacing).
+    # Evaluate / log every N steps; 0 paces them to the run's limits (charlm.training.pacing).
     eval_every: int = 0
     log_every: int = 0
     seed: int = 1337

@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from charlm import checkpoint
-from charlm.data import as_tensor, eval_windows, load_corpus
-from charlm.device import autocast, resolve_device, resolve_precision
 from charlm.config import PRECISIONS
+from charlm.data.batching import as_tensor, eval_windows, load_corpus
+from charlm.data.text import check_encoding
+from charlm.data.vocab import Vocab
+from charlm.device import autocast, resolve_device, resolve_precision
 from charlm.errors import ConfigError, DataError
-from charlm.text import check_encoding
-from charlm.model import CharRNN
+from charlm.model.network import CharRNN
+from charlm.storage import checkpoint
 from charlm.units import LN2, bits
-from charlm.vocab import Vocab
 
 # What an unknown character costs with unknown="charge": log2 of the number of Unicode code
 # points, the bits of naming any one of them with no model at all.

@@ -1,7 +1,7 @@
 """Standard output and standard error that never stop charlm by themselves.
 
 :func:`guarded` puts a :class:`GuardedStream` in front of ``sys.stdout`` and ``sys.stderr``
-(the CLI does it for every command, :func:`charlm.train.train` for a training run), so that
+(the CLI does it for every command, :func:`charlm.training.setup.train` for a training run), so that
 every writer (rich, tqdm, the monitors, warnings) gets the same rules:
 
 * A character the console cannot encode (``PYTHONIOENCODING=cp1252``, ``LANG=C``) is printed

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm.corpus import tiny_shakespeare
+from charlm.data.corpus import tiny_shakespeare
 from charlm.device import cpu_has_fast_bf16
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def run_charlm(*args, cwd=None, env=None, timeout=120, input=None) -> subprocess
 def run_charlm_with(prelude: str, *args, cwd=None, env=None, timeout=120):
     """Run charlm's ``main`` in a fresh Python after ``prelude`` (code that changes the
     interpreter first: blocks the network, hides a module); returns the completed process."""
-    code = f"{prelude}\nfrom charlm.cli import main\nmain()"
+    code = f"{prelude}\nfrom charlm.cli.commands import main\nmain()"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=full_env,
@@ -137,7 +137,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     Unexpected exceptions still end in the CLI's last-resort handler, so pair it with
     :func:`assert_clean_error` and check for "internal error" where that matters.
     """
-    from charlm.cli import main
+    from charlm.cli.commands import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -162,7 +162,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory, tiny_run) -> dict[str, Path]:
     """The tiny run's best.pt exported as safetensors and ONNX (verified; seconds, once)."""
-    from charlm import export
+    from charlm.export import writers as export
 
     root = tmp_path_factory.mktemp("tiny-exports")
     pt = root / "model.pt"

@@ -13,8 +13,8 @@ import torch
 from conftest import SAMPLE_TEXT, TINY_CONFIG, run_charlm, run_cli
 
 import charlm
-from charlm import checkpoint
 from charlm.errors import CharlmError, ConfigError
+from charlm.storage import checkpoint
 
 
 @pytest.fixture(scope="module")

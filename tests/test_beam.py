@@ -7,12 +7,12 @@ import itertools
 import pytest
 import torch
 
-from charlm.beam import beam_search
 from charlm.config import ModelConfig
-from charlm.decoding import start_ids
-from charlm.model import build_model
-from charlm.sample import generate, seed_ids
-from charlm.vocab import Vocab
+from charlm.data.vocab import Vocab
+from charlm.model.network import build_model
+from charlm.sampling.beam import beam_search
+from charlm.sampling.options import start_ids
+from charlm.sampling.sampler import generate, seed_ids
 
 VOCAB = Vocab.from_text("ab \n")
 

@@ -19,12 +19,12 @@ import torch
 from conftest import assert_clean_error, run_charlm, run_cli
 
 import charlm
-from charlm import checkpoint
 from charlm.config import Config, ModelConfig
+from charlm.data.vocab import Vocab
 from charlm.errors import CheckpointError
-from charlm.model import build_model
-from charlm.runs import RunLock
-from charlm.vocab import Vocab
+from charlm.model.network import build_model
+from charlm.runs.directory import RunLock
+from charlm.storage import checkpoint
 
 
 def assert_plain_data(value, where="checkpoint") -> None:
@@ -87,7 +87,7 @@ def test_gpu_checkpoint_resumes_on_cpu_and_back(tmp_path, text_file):
     from conftest import TINY_CONFIG
 
     from charlm.config import apply_sets, load_toml
-    from charlm.train import train
+    from charlm.training.setup import train
 
     cfg = load_toml(TINY_CONFIG)
     apply_sets(cfg, ["train.device=cuda", "train.sample_chars=0", "train.max_steps=30"])
@@ -298,11 +298,11 @@ KILL_HARNESS = textwrap.dedent('''
 
     import torch
     torch.set_num_threads(1)  # forking after OpenMP work can hang the child
-    from charlm import checkpoint
+    from charlm.storage import checkpoint
     from charlm.config import Config, ModelConfig
     from charlm.errors import CharlmError
-    from charlm.model import build_model
-    from charlm.vocab import Vocab
+    from charlm.model.network import build_model
+    from charlm.data.vocab import Vocab
 
     root, kills = Path(sys.argv[1]), int(sys.argv[2])
     rng = random.Random(int(sys.argv[3]))

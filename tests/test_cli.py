@@ -17,11 +17,11 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, assert_clean_error, run_charlm
 
-from charlm import checkpoint
-from charlm.cli import main
+from charlm.cli.commands import main
 from charlm.evaluate import evaluate_file
-from charlm.runs import read_metrics
-from charlm.sample import generate, seed_ids
+from charlm.runs.directory import read_metrics
+from charlm.sampling.sampler import generate, seed_ids
+from charlm.storage import checkpoint
 
 SAMPLE_OPTIONS = ("--seed", "All:", "--length", "30", "--temperature", "0.9", "--top-k", "10",
                   "--top-p", "0.95", "--num-samples", "2", "--random-seed", "11")

@@ -9,13 +9,13 @@ from pathlib import Path
 from conftest import REPO, SHAKESPEARE, TINY_CONFIG, run_charlm_with
 
 import charlm
-from charlm import checkpoint
-from charlm.corpus import (
+from charlm.data.corpus import (
     TINY_SHAKESPEARE_SHA256,
     TINY_SHAKESPEARE_SIZE,
     TINY_SHAKESPEARE_URL,
     tiny_shakespeare,
 )
+from charlm.storage import checkpoint
 
 # Every way out to the network fails in the child process, loudly.
 NO_NETWORK = """
@@ -45,7 +45,9 @@ def test_bundled_copy_is_tiny_shakespeare():
 def test_package_data_is_declared():
     # What puts the files into wheels (and editable installs) besides the checkout: the
     # corpus, and the fitted rule of automatic sizing.
-    assert 'charlm = ["corpora/*.txt", "sizing_rule.json"]' in (REPO / "pyproject.toml").read_text()
+    declared = (REPO / "pyproject.toml").read_text()
+    assert '"charlm.data" = ["corpora/*.txt"]' in declared
+    assert '"charlm.training" = ["sizing_rule.json"]' in declared
 
 
 def test_train_without_file_needs_no_network(tmp_path):

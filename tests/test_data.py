@@ -11,11 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import charlm.data
-import charlm.text
-from charlm.data import Batcher, as_tensor, eval_windows, load_corpus, split
+import charlm.data.batching
+import charlm.data.text
+from charlm.data.batching import Batcher, as_tensor, eval_windows, load_corpus, split
+from charlm.data.vocab import Vocab
 from charlm.errors import DataError
-from charlm.vocab import Vocab
 
 
 @st.composite
@@ -176,7 +176,7 @@ def test_load_corpus_encodes(text_file):
 def test_cache_hit_skips_decoding_and_memory_maps(text_file, monkeypatch):
     """A second load of the same text neither scans it for its vocabulary nor encodes it.
     (Ids above IN_MEMORY_IDS_BYTES are memory-mapped; the bound is lowered to test that.)"""
-    monkeypatch.setattr(charlm.data, "IN_MEMORY_IDS_BYTES", 0)
+    monkeypatch.setattr(charlm.data.batching, "IN_MEMORY_IDS_BYTES", 0)
     crlf_file = text_file.with_name("crlf.txt")
     crlf_file.write_bytes(b"one\r\ntwo\r\n" * 20)
     first, first_crlf = load_corpus(text_file), load_corpus(crlf_file)
@@ -188,10 +188,10 @@ def test_cache_hit_skips_decoding_and_memory_maps(text_file, monkeypatch):
     def no_scan(*args, **kwargs):
         raise AssertionError("scanned again instead of using the cache")
 
-    monkeypatch.setattr(charlm.data, "_encode_to", fail)
+    monkeypatch.setattr(charlm.data.batching, "_encode_to", fail)
     with monkeypatch.context() as m:
-        m.setattr(charlm.data, "_scan", no_scan)
-        m.setattr(charlm.text, "iter_text", no_scan)
+        m.setattr(charlm.data.batching, "_scan", no_scan)
+        m.setattr(charlm.data.text, "iter_text", no_scan)
         second = load_corpus(text_file)
         assert isinstance(second.ids, np.memmap)
         assert np.array_equal(second.ids, first.ids) and second.vocab == first.vocab
@@ -237,7 +237,7 @@ def test_cache_slices_map_their_own_characters(tmp_path_factory, a, b):
     path = tmp_path_factory.mktemp("slices") / "t.txt"
     path.write_text("".join(chr(97 + i % 26) for i in range(1000)), encoding="utf-8")
     with pytest.MonkeyPatch.context() as m:  # memory-mapped above IN_MEMORY_IDS_BYTES
-        m.setattr(charlm.data, "IN_MEMORY_IDS_BYTES", 0)
+        m.setattr(charlm.data.batching, "IN_MEMORY_IDS_BYTES", 0)
         corpus = load_corpus(path)
     assert isinstance(corpus.ids, np.memmap)
     lo, hi = sorted((a, b))

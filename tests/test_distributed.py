@@ -27,14 +27,14 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT, TINY_CONFIG
 
-from charlm import checkpoint
-from charlm.cli import main as cli_main
+from charlm.cli.commands import main as cli_main
 from charlm.config import load_toml
-from charlm.data import as_tensor, split
-from charlm.distributed import Dist, DistributedError, from_env, restack_rows, weights_digest
+from charlm.data.batching import as_tensor, split
 from charlm.errors import ConfigError
 from charlm.evaluate import mean_loss
-from charlm.train import train
+from charlm.storage import checkpoint
+from charlm.training.distributed import Dist, DistributedError, from_env, restack_rows, weights_digest
+from charlm.training.setup import train
 
 STEPS = 60
 # The chain is compared with one process to a tight tolerance, so it pins fp32 (auto would be

@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from conftest import SAMPLE_TEXT, assert_clean_error, run_charlm
 
-from charlm import checkpoint, export, onnx_runtime
 from charlm.config import CELLS, Config
+from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError, CheckpointError
 from charlm.evaluate import evaluate_file
-from charlm.model import build_model, state_from_tensors, state_tensors
-from charlm.sample import generate
-from charlm.vocab import Vocab
+from charlm.export import writers as export
+from charlm.model.network import build_model, state_from_tensors, state_tensors
+from charlm.sampling.sampler import generate
+from charlm.storage import checkpoint
+from charlm.storage import onnx as onnx_runtime
 
 GREEDY_CHARS = 200
 
@@ -309,7 +311,7 @@ def test_onnx_sampling_runs_without_torch(exported):
     want = generate(model, vocab, vocab.encode("First").tolist(), 60, temperature=0)[0]
     onnx_path = str(exported["onnx"])
     code = BLOCK_TORCH + (
-        "from charlm.cli import main\n"
+        "from charlm.cli.commands import main\n"
         "def run(*args):\n"
         "    try:\n"
         f"        main(['sample', '-c', {onnx_path!r}, *args])\n"

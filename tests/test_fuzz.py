@@ -22,7 +22,7 @@ from conftest import SAMPLE_TEXT, TINY_CONFIG, assert_clean_error, run_charlm, r
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from charlm import checkpoint
+from charlm.storage import checkpoint
 
 FUZZ = settings(max_examples=15, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

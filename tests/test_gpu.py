@@ -8,15 +8,15 @@ import pytest
 import torch
 from conftest import TINY_CONFIG
 
-from charlm import checkpoint
 from charlm.api import load
 from charlm.config import load_toml
 from charlm.device import amp_plan, autocast
 from charlm.errors import CharlmError
-from charlm.model import Stepper, build_model
-from charlm.sample import generate
-from charlm.stepping import GraphStep, make_step
-from charlm.train import train
+from charlm.model.network import Stepper, build_model
+from charlm.model.stepper import GraphStep, make_step
+from charlm.sampling.sampler import generate
+from charlm.storage import checkpoint
+from charlm.training.setup import train
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -77,7 +77,7 @@ def test_graph_sampling_equals_eager_stepping(text_file, tmp_path, monkeypatch):
         graph = generate(net, vocab, seed, 200, temperature=0.9, num_samples=streams,
                          random_seed=3)
         with monkeypatch.context() as m:
-            m.setattr("charlm.sample.make_step", lambda model, batch, state: Stepper(model))
+            m.setattr("charlm.sampling.sampler.make_step", lambda model, batch, state: Stepper(model))
             eager = generate(net, vocab, seed, 200, temperature=0.9, num_samples=streams,
                              random_seed=3)
         assert graph == eager

@@ -9,8 +9,8 @@ from torch import nn
 
 from charlm.config import ModelConfig
 from charlm.device import amp_plan, resolve_precision
-from charlm.model import StackedRNN, Stepper, build_model
-from charlm.stepping import make_step
+from charlm.model.network import StackedRNN, Stepper, build_model
+from charlm.model.stepper import make_step
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -96,7 +96,7 @@ def test_sampling_step_is_the_eager_stepper_on_the_cpu():
 
 
 def test_scaler_state_round_trips_and_is_checked():
-    from charlm.state import restore_scaler
+    from charlm.training.state import restore_scaler
 
     saved = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7, enabled=True)
     fresh = torch.amp.GradScaler("cpu", enabled=True)
@@ -118,7 +118,7 @@ def test_out_of_gpu_memory_is_one_line_and_keeps_the_run(tiny_run, tmp_path, mon
 
     from conftest import assert_clean_error, run_cli
 
-    import charlm.loop
+    import charlm.training.loop
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -127,7 +127,7 @@ def test_out_of_gpu_memory_is_one_line_and_keeps_the_run(tiny_run, tmp_path, mon
     def oom(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(charlm.loop.Loop, "train_step", oom)
+    monkeypatch.setattr(charlm.training.loop.Loop, "train_step", oom)
     proc = run_cli("train", "--resume", run, "--max-steps", "60", "--no-progress")
     assert_clean_error(proc, "out of GPU memory", "--batch-size (now 8)", "--seq-len (now 16)",
                        "--hidden-size (now 32)", "unchanged")
@@ -140,7 +140,7 @@ def test_out_of_gpu_memory_is_one_line_and_keeps_the_run(tiny_run, tmp_path, mon
 def test_best_pt_has_no_optimizer_state_and_resuming_it_says_what_to_do(tiny_run):
     from conftest import assert_clean_error, run_cli
 
-    from charlm import checkpoint
+    from charlm.storage import checkpoint
 
     assert "optimizer" not in checkpoint.load(tiny_run / "best.pt")
     assert "optimizer" in checkpoint.load(tiny_run / "last.pt")
@@ -149,7 +149,7 @@ def test_best_pt_has_no_optimizer_state_and_resuming_it_says_what_to_do(tiny_run
 
 
 def test_a_checkpoint_copy_shares_no_memory_with_the_live_tensors():
-    from charlm.saver import detached_copy
+    from charlm.training.saver import detached_copy
 
     live = {"w": torch.ones(3), "nested": [torch.zeros(2), {"x": torch.arange(3)}], "n": 5}
     copy = detached_copy(live)
@@ -162,7 +162,7 @@ def test_a_checkpoint_copy_shares_no_memory_with_the_live_tensors():
 
 
 def test_the_writer_writes_in_order_keeps_the_newest_and_reports_errors(tmp_path):
-    from charlm.saver import CheckpointWriter
+    from charlm.training.saver import CheckpointWriter
 
     def load(path):
         return torch.load(path, weights_only=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT, TINY_CONFIG, assert_clean_error, run_charlm, run_cli
 
-from charlm import checkpoint
-from charlm.sample import generate
-from charlm.vocab import Vocab, code_points
+from charlm.data.vocab import Vocab, code_points
+from charlm.sampling.sampler import generate
+from charlm.storage import checkpoint
 
 FRENCH = ("Où est la bibliothèque? À côté de l'église, près du marché. Ça coûte très cher.\n"
           "Élève, répète: le garçon mange une pêche à la crème brûlée, déjà.\n") * 40
@@ -101,8 +101,8 @@ def test_dry_run_reports_the_grown_vocabulary(tiny_run, tmp_path):
 
 
 def test_grown_model_exports_and_samples(tiny_run, tmp_path):
-    from charlm import onnx_runtime
-    from charlm.export import export_checkpoint
+    from charlm.export.writers import export_checkpoint
+    from charlm.storage import onnx as onnx_runtime
 
     grown, _ = checkpoint.grow_vocab(checkpoint.load(tiny_run / "best.pt"), code_points(FRENCH))
     pt = tmp_path / "grown.pt"

@@ -31,12 +31,12 @@ from conftest import (
     run_cli,
 )
 
-from charlm import checkpoint
 from charlm.config import Config, apply_dict, load_toml
-from charlm.data import load_corpus
+from charlm.data.batching import load_corpus
+from charlm.data.text import iter_text, resolve_source
 from charlm.errors import CharlmError, ConfigError
-from charlm.runs import read_metrics
-from charlm.text import iter_text, resolve_source
+from charlm.runs.directory import read_metrics
+from charlm.storage import checkpoint
 
 TINY = ("--config", TINY_CONFIG, "--no-progress", "--no-samples", "--set", "train.threads=1")
 
@@ -359,31 +359,31 @@ def test_full_disk_during_checkpoint_write_keeps_the_previous_one(tiny_run, tmp_
 def test_full_disk_for_the_ids_cache_falls_back_to_memory(text_file, monkeypatch):
     # A memory map of a sparse file dies with SIGBUS when the disk is full; the blocks are
     # reserved first, and when that fails the ids are kept in memory instead.
-    import charlm.data
+    import charlm.data.batching
 
     expected = load_corpus(text_file, use_cache=False).ids
 
     def full(fd, offset, length):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(charlm.data.os, "posix_fallocate", full)
+    monkeypatch.setattr(charlm.data.batching.os, "posix_fallocate", full)
     corpus = load_corpus(text_file)
     assert not isinstance(corpus.ids, np.memmap) and np.array_equal(corpus.ids, expected)
-    assert not list((charlm.data.cache_dir() / "ids").iterdir())
+    assert not list((charlm.data.batching.cache_dir() / "ids").iterdir())
 
 
 def test_failed_encoding_leaves_no_temporary_cache_file(text_file):
-    import charlm.data
-    from charlm.vocab import Vocab
+    import charlm.data.batching
+    from charlm.data.vocab import Vocab
 
     with pytest.raises(CharlmError, match="outside the vocabulary"):
         load_corpus(text_file, vocab=Vocab(tuple("First")))
-    assert not list((charlm.data.cache_dir() / "ids").iterdir())
+    assert not list((charlm.data.batching.cache_dir() / "ids").iterdir())
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
 def test_full_disk_while_logging_metrics_is_one_line():
-    from charlm.runs import MetricsLog
+    from charlm.runs.directory import MetricsLog
 
     log = MetricsLog(Path("/dev/full"))  # every write fails with ENOSPC
     with pytest.raises(CharlmError, match="could not write /dev/full: No space left"):
@@ -490,8 +490,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_file, tmp_path):
 
 def _poison_steps(monkeypatch, steps: set[int]):
     """Make the training forward pass return NaN logits at the given (1-based) calls."""
-    import charlm.train
-    from charlm.model import build_model as real_build
+    import charlm.training.setup
+    from charlm.model.network import build_model as real_build
 
     calls = {"n": 0}
 
@@ -510,7 +510,7 @@ def _poison_steps(monkeypatch, steps: set[int]):
         model.forward = poisoned
         return model
 
-    monkeypatch.setattr(charlm.train, "build_model", build)
+    monkeypatch.setattr(charlm.training.setup, "build_model", build)
 
 
 def _tiny_cfg(**train) -> Config:
@@ -523,7 +523,7 @@ def _tiny_cfg(**train) -> Config:
 
 
 def test_on_nan_skip_drops_the_bad_steps_and_goes_on(text_file, tmp_path, monkeypatch):
-    from charlm.train import train
+    from charlm.training.setup import train
 
     _poison_steps(monkeypatch, {6, 7})
     with pytest.raises(CharlmError, match="NaN or infinite at step 6.*on_nan=skip"):
@@ -542,11 +542,11 @@ def test_on_nan_skip_drops_the_bad_steps_and_goes_on(text_file, tmp_path, monkey
 
 def test_exploding_gradients_are_clipped_and_the_norm_is_logged(text_file, tmp_path,
                                                                  monkeypatch):
-    import charlm.train
+    import charlm.training.setup
 
     clip = 0.01  # far below a normal gradient norm, so every step is clipped
     applied: list[float] = []
-    real_make = charlm.train.make_optimizer
+    real_make = charlm.training.setup.make_optimizer
 
     def make(model, cfg, device):
         opt = real_make(model, cfg, device)
@@ -560,9 +560,9 @@ def test_exploding_gradients_are_clipped_and_the_norm_is_logged(text_file, tmp_p
         opt.register_step_pre_hook(record)
         return opt
 
-    monkeypatch.setattr(charlm.train, "make_optimizer", make)
+    monkeypatch.setattr(charlm.training.setup, "make_optimizer", make)
     cfg = _tiny_cfg(max_steps=12, eval_every=12, log_every=3, grad_clip=clip)
-    charlm.train.train(text_file, cfg, out_dir=tmp_path / "run", progress=False)
+    charlm.training.setup.train(text_file, cfg, out_dir=tmp_path / "run", progress=False)
     logged = [r["grad_norm"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
               if r["kind"] == "train"]
     assert len(logged) == 4 and all(math.isfinite(g) for g in logged)

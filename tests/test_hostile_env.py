@@ -19,14 +19,15 @@ import torch
 from conftest import SAMPLE_TEXT, TINY_CONFIG, charlm_exe, run_cli
 from test_hardening import TINY, clean_error, digest
 
-import charlm.data
-import charlm.train
-from charlm import checkpoint, onnx_runtime
-from charlm.data import cache_dir, load_corpus
+import charlm.data.batching
+import charlm.training.setup
+from charlm.data.batching import cache_dir, load_corpus
+from charlm.data.text import resolve_source
 from charlm.device import cpu_count, set_threads
 from charlm.errors import DataError
-from charlm.sample import pick
-from charlm.text import resolve_source
+from charlm.sampling.sampler import pick
+from charlm.storage import checkpoint
+from charlm.storage import onnx as onnx_runtime
 
 ONE_STEP = (*TINY, "--max-steps", "1", "--eval-every", "1")
 
@@ -35,9 +36,9 @@ ONE_STEP = (*TINY, "--max-steps", "1", "--eval-every", "1")
 def _wide_console(monkeypatch):
     """run_cli prints through the CLI's consoles, sized when they were made: make them wide,
     so that long temporary paths in tables are not cut short."""
-    import charlm.cli
+    import charlm.cli.commands
 
-    for console in (charlm.cli.out, charlm.cli.err):
+    for console in (charlm.cli.commands.out, charlm.cli.commands.err):
         monkeypatch.setattr(console, "width", 1000)
 
 
@@ -67,7 +68,7 @@ def test_text_changed_after_hashing_is_refused_and_never_cached(text_file, tmp_p
     original = resolve_source(text_file)  # hashed now, changed before it is read
     text_file.write_text(SAMPLE_TEXT.upper(), encoding="utf-8")
     with monkeypatch.context() as m:
-        m.setattr(charlm.data, "resolve_source", lambda path: original)
+        m.setattr(charlm.data.batching, "resolve_source", lambda path: original)
         with pytest.raises(DataError, match="changed while it was being read"):
             load_corpus(text_file)
     # Another file with the hashed content gets its own ids, not the changed text's.
@@ -80,7 +81,7 @@ def test_text_still_being_appended_to_is_one_clean_error(text_file, monkeypatch)
     original = resolve_source(text_file)
     with open(text_file, "a", encoding="utf-8") as f:
         f.write("more text arriving\n" * 50)
-    monkeypatch.setattr(charlm.data, "resolve_source", lambda path: original)
+    monkeypatch.setattr(charlm.data.batching, "resolve_source", lambda path: original)
     with pytest.raises(DataError, match="changed while it was being read"):
         load_corpus(text_file)
 
@@ -225,10 +226,10 @@ def test_resume_hint_is_quoted_so_it_can_be_pasted(tmp_path, monkeypatch):
     run = Path("runs") / "[v2] my exp"
 
     def interrupted(*args, **kwargs):
-        return charlm.train.TrainResult(run, 3, "interrupted", 1.0, 10, 10.0, 1.0, 1.0, 1.0,
+        return charlm.training.setup.TrainResult(run, 3, "interrupted", 1.0, 10, 10.0, 1.0, 1.0, 1.0,
                                         100, 10, "cpu", "fp32")
 
-    monkeypatch.setattr(charlm.train, "train", interrupted)
+    monkeypatch.setattr(charlm.training.setup, "train", interrupted)
     text = tmp_path / "t.txt"
     text.write_text(SAMPLE_TEXT)
     proc = run_cli("train", text, *TINY, "--out", tmp_path / "out")
@@ -291,7 +292,7 @@ def test_allocator_failure_is_the_out_of_memory_message(text_file, tmp_path, mon
                            "can't allocate memory: you tried to allocate 68719476736 bytes. "
                            "Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(charlm.train, "build_model", fail)
+    monkeypatch.setattr(charlm.training.setup, "build_model", fail)
     proc = run_cli("train", text_file, *ONE_STEP, "--hidden-size", "65536")
     clean_error(proc, "out of memory", "64.0 GiB", "smaller model")
 

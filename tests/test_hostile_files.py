@@ -25,7 +25,7 @@ import torch
 from conftest import run_cli
 from test_hardening import clean_error
 
-from charlm import checkpoint
+from charlm.storage import checkpoint
 
 RESUME = ("--max-steps", "41", "--no-progress", "--no-samples", "--set", "train.threads=1")
 
@@ -94,7 +94,7 @@ OPTIMIZER_CRAFTS = {
 _RUNNER = """
 import io, json, sys
 from contextlib import redirect_stderr, redirect_stdout
-from charlm.cli import main
+from charlm.cli.commands import main
 for args in json.loads(sys.argv[1]):
     err = io.StringIO()
     with redirect_stdout(io.StringIO()), redirect_stderr(err):

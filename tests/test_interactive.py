@@ -11,10 +11,10 @@ import time
 import pytest
 from conftest import assert_clean_error, charlm_exe, run_charlm, run_cli
 
-from charlm import checkpoint
 from charlm.errors import CharlmError
-from charlm.interactive import Session, run
-from charlm.sample import generate, seed_ids
+from charlm.sampling.interactive import Session, run
+from charlm.sampling.sampler import generate, seed_ids
+from charlm.storage import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

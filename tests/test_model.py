@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from charlm.config import ModelConfig
-from charlm.model import (
+from charlm.model.network import (
     Stepper,
     build_model,
     detach_state,

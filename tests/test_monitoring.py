@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, run_charlm
 
-from charlm import checkpoint
 from charlm.config import load_toml
-from charlm.runs import read_metrics
-from charlm.sample import generate
-from charlm.train import train
+from charlm.runs.directory import read_metrics
+from charlm.sampling.sampler import generate
+from charlm.storage import checkpoint
+from charlm.training.setup import train
 
 # Tiny models train fastest on one thread, and the test machine may be busy.
 ONE_THREAD = ("--set", "train.threads=1")

@@ -18,7 +18,8 @@ from conftest import TINY_CONFIG, charlm_exe
 
 from charlm.config import load_toml
 from charlm.errors import CharlmError
-from charlm.monitors import (
+from charlm.runs.directory import read_metrics
+from charlm.training.monitors import (
     Header,
     LogLines,
     MetricsFile,
@@ -28,7 +29,6 @@ from charlm.monitors import (
     TrainLogs,
     console,
 )
-from charlm.runs import read_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +156,7 @@ def test_tensorboard_event_files_hold_the_scalars_and_the_samples(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from charlm.tensorboard_monitor import TensorBoard
+    from charlm.training.tensorboard import TensorBoard
 
     feed(TensorBoard(), tmp_path)
     events = EventAccumulator(str(tmp_path))
@@ -182,7 +182,7 @@ def test_tensorboard_event_files_hold_the_scalars_and_the_samples(tmp_path):
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch):
-    from charlm.tensorboard_monitor import TensorBoard
+    from charlm.training.tensorboard import TensorBoard
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(CharlmError, match=r'pip install "charlm\[tensorboard\]"'):
@@ -191,8 +191,8 @@ def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch):
 
 def test_given_monitors_replace_the_console_and_bench_reads_its_speed_from_one(
         text_file, tmp_path, capsys):
-    from charlm.bench import train_speed
-    from charlm.train import train
+    from charlm.training.bench import train_speed
+    from charlm.training.setup import train
 
     cfg = load_toml(TINY_CONFIG)
     cfg.train.threads, cfg.train.device, cfg.train.precision = 1, "cpu", "fp32"
@@ -253,8 +253,8 @@ def test_an_error_mid_run_releases_the_run_directory(text_file, tmp_path):
     resume at once (it used to stay locked until the process ended)."""
     import fcntl
 
-    from charlm import checkpoint
-    from charlm.train import train
+    from charlm.storage import checkpoint
+    from charlm.training.setup import train
 
     class Fails(Monitor):
         def on_train_log(self, record):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, assert_clean_error, run_charlm_with, run_cli
 
-from charlm import checkpoint
-from charlm.data import cache_dir
+from charlm.data.batching import cache_dir
 from charlm.device import resolve_device
+from charlm.storage import checkpoint
 
 # What Windows looks like to Python: `import fcntl` fails.
 NO_FCNTL = "import sys\nsys.modules['fcntl'] = None"
@@ -76,7 +76,7 @@ def test_auto_prefers_cuda_then_mps_where_the_cell_runs(monkeypatch):
 def test_cache_folder_without_platformdirs_follows_the_same_convention(monkeypatch, tmp_path):
     import sys
 
-    from charlm import data
+    from charlm.data import batching as data
 
     monkeypatch.delenv("CHARLM_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

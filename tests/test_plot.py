@@ -13,8 +13,8 @@ from conftest import SAMPLE_TEXT, TINY_CONFIG, assert_clean_error, run_charlm, r
 
 from charlm.config import load_toml
 from charlm.errors import CharlmError
-from charlm.plot import Curves, Point, load_curves, loss_grid, plot_runs
-from charlm.train import train
+from charlm.runs.plot import Curves, Point, load_curves, loss_grid, plot_runs
+from charlm.training.setup import train
 
 # matplotlib's default colours for the first three runs (C0, C1, C2), as RGB in [0, 1].
 C0, C1, C2 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C)

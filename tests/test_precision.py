@@ -24,9 +24,9 @@ from conftest import TINY_CONFIG
 
 from charlm.config import load_toml
 from charlm.device import autocast, cpu_has_fast_bf16, resolve_precision
-from charlm.model import build_model
-from charlm.runs import read_metrics
-from charlm.train import train
+from charlm.model.network import build_model
+from charlm.runs.directory import read_metrics
+from charlm.training.setup import train
 
 pytestmark = pytest.mark.skipif(
     not cpu_has_fast_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)"

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SHAKESPEARE, TEST_PRECISION, run_charlm
 
 README = REPO / "README.md"
@@ -137,7 +136,7 @@ def test_docs_onnx_snippet_runs_without_torch_or_charlm(exports, tmp_path):
     """docs/export.md's stand-alone ONNX sampler, run as written with torch and charlm made
     unimportable (onnxruntime and numpy only)."""
     pytest.importorskip("onnxruntime")
-    from charlm.checkpoint import load_model
+    from charlm.storage.checkpoint import load_model
 
     doc = (REPO / "docs" / "export.md").read_text(encoding="utf-8")
     code = first_block(section(doc, "The ONNX format, and sampling without charlm"), "python")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_charlm
 
 FIXTURE = Path(__file__).parent / "fixtures" / "release-0.1.0"

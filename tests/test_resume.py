@@ -24,11 +24,11 @@ from conftest import (
     run_cli,
 )
 
-from charlm import checkpoint
 from charlm.config import apply_sets, load_toml
-from charlm.data import Batcher, as_tensor, load_corpus, split
-from charlm.runs import read_metrics
-from charlm.train import train
+from charlm.data.batching import Batcher, as_tensor, load_corpus, split
+from charlm.runs.directory import read_metrics
+from charlm.storage import checkpoint
+from charlm.training.setup import train
 
 WALL_CLOCK = ("elapsed", "chars_per_sec", "save_seconds")
 
@@ -120,7 +120,7 @@ def test_exactness_needs_the_restored_random_state(tmp_path, short_text, monkeyp
     reference = one_go(short_text, config("lstm"), tmp_path / "one-go")
     run = tmp_path / "paused"
     train(short_text, config("lstm"), out_dir=run, stop_at_step=13, progress=False)
-    monkeypatch.setattr("charlm.state.set_rng_state", lambda state: None)
+    monkeypatch.setattr("charlm.training.state.set_rng_state", lambda state: None)
     train(short_text, config("lstm"), out_dir=run, resume=checkpoint.load(run / "last.pt"),
           progress=False)
     resumed = checkpoint.load(run / "last.pt")

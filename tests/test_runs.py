@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT, TINY_CONFIG, assert_clean_error, run_charlm, run_cli
 
-from charlm import checkpoint
 from charlm.config import load_toml
-from charlm.runs import list_runs, read_metrics, run_info
-from charlm.train import train
+from charlm.runs.directory import list_runs, read_metrics, run_info
+from charlm.storage import checkpoint
+from charlm.training.setup import train
 
 # name: (cell, hidden_size, num_layers, max_steps)
 RUNS = {"alpha": ("lstm", 16, 1, 20), "beta": ("gru", 32, 2, 60), "gamma": ("rnn", 24, 1, 40)}

@@ -114,7 +114,7 @@ def test_interactive_long_line_ends_the_session_with_one_line(tiny_run):
 def test_interactive_line_just_under_the_bound_is_read(tiny_run):
     import io
 
-    from charlm.interactive import MAX_LINE_CHARS, line_reader
+    from charlm.sampling.interactive import MAX_LINE_CHARS, line_reader
 
     text = "a" * MAX_LINE_CHARS + "\n" + "b" * (MAX_LINE_CHARS + 1) + "\n"
     read_line = line_reader(io.StringIO(text))
@@ -187,7 +187,7 @@ def _metrics_with_long_line(path: Path, long_bytes: int) -> Path:
 def test_metrics_line_over_the_bound_is_skipped_without_reading_it_whole(tmp_path):
     import tracemalloc
 
-    from charlm.runs import read_metrics
+    from charlm.runs.directory import read_metrics
 
     path = _metrics_with_long_line(tmp_path / "metrics.jsonl", 64 << 20)
     tracemalloc.start()
@@ -201,7 +201,7 @@ def test_metrics_line_over_the_bound_is_skipped_without_reading_it_whole(tmp_pat
 
 
 def test_metrics_long_line_is_named_in_the_warning(tmp_path):
-    from charlm.runs import read_metrics
+    from charlm.runs.directory import read_metrics
 
     path = _metrics_with_long_line(tmp_path / "metrics.jsonl", 2 << 20)
     warnings: list[str] = []
@@ -255,11 +255,11 @@ def test_beam_memory_is_bounded_before_it_starts():
     (several copies), over the 1 GiB bound: refused before the first step."""
     import numpy as np
 
-    from charlm.beam import MAX_BEAM_BYTES, beam_bytes, beam_search
     from charlm.config import ModelConfig
+    from charlm.data.vocab import Vocab
     from charlm.errors import ConfigError
-    from charlm.model import CharRNN
-    from charlm.vocab import Vocab
+    from charlm.model.network import CharRNN
+    from charlm.sampling.beam import MAX_BEAM_BYTES, beam_bytes, beam_search
 
     vocab = Vocab.from_code_points(np.arange(0x4E00, 0x4E00 + 6000))
     model = CharRNN(len(vocab), ModelConfig(embed_size=8, hidden_size=8))
@@ -282,10 +282,10 @@ def test_exhaustive_width_allocates_only_the_live_beams():
     beams that can be live, not for the width asked for."""
     import numpy as np
 
-    from charlm.beam import beam_bytes, beam_search
     from charlm.config import ModelConfig
-    from charlm.model import CharRNN
-    from charlm.vocab import Vocab
+    from charlm.data.vocab import Vocab
+    from charlm.model.network import CharRNN
+    from charlm.sampling.beam import beam_bytes, beam_search
 
     vocab = Vocab.from_code_points(np.arange(97, 100))
     model = CharRNN(len(vocab), ModelConfig(embed_size=4, hidden_size=4))
@@ -349,7 +349,7 @@ def test_small_cached_ids_are_read_into_memory(text_file):
     not a memory map that a truncation of the cache file would turn into SIGBUS."""
     import numpy as np
 
-    from charlm.data import load_corpus
+    from charlm.data.batching import load_corpus
 
     first, second = load_corpus(text_file), load_corpus(text_file)
     for corpus in (first, second):

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_CONFIG, assert_clean_error, run_charlm, run_cli
 
 LONG = "x" * 300  # one path component longer than any file system allows (255)
@@ -38,7 +37,7 @@ def _warnings(stderr: str) -> list[str]:
 # ------------------------------------------------------- 1. float options that become counts
 @pytest.mark.parametrize("epochs", [1e308, 1.7976931348623157e308, 1e300])
 def test_pacer_plans_a_huge_epoch_limit(epochs):
-    from charlm.pacing import Pacer
+    from charlm.training.pacing import Pacer
 
     pacer = Pacer(0, 0, 0, 0.0, epochs, steps_per_epoch=26)
     assert pacer.planned_steps >= 2**62

@@ -17,7 +17,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_CONFIG, assert_clean_error, charlm_exe, run_charlm, run_cli
 
 FIXTURE_RUN = Path(__file__).parent / "fixtures" / "release-0.1.0" / "run"
@@ -161,7 +160,7 @@ def test_only_charlms_own_temporary_files_are_cleaned(text_file, tmp_path):
 
 
 def test_charlms_temporary_files_carry_its_name(tmp_path):
-    from charlm.atomic import atomic_write
+    from charlm.files import atomic_write
 
     seen = []
     atomic_write(tmp_path / "last.pt", lambda f: seen.append(Path(f.name).name))

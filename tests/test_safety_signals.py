@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from charlm import checkpoint
+from charlm.storage import checkpoint
 from tests.conftest import SAMPLE_TEXT, TINY_CONFIG, charlm_exe
 
 STOPS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGHUP": signal.SIGHUP}

@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charlm.config import ModelConfig
+from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError
-from charlm.model import build_model
-from charlm.sample import check_options, generate, pick, seed_ids
-from charlm.vocab import Vocab
+from charlm.model.network import build_model
+from charlm.sampling.sampler import check_options, generate, pick, seed_ids
 
 VOCAB = Vocab.from_text("abcdefghij \nTHE")
 

@@ -11,13 +11,13 @@ from conftest import SAMPLE_TEXT, assert_clean_error, run_charlm, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from charlm import checkpoint
 from charlm.config import ModelConfig
-from charlm.decoding import StopScan, parse_temperatures, read_seed_file, unescape
+from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError
-from charlm.model import build_model
-from charlm.sample import generate, pick, seed_ids, warm
-from charlm.vocab import Vocab
+from charlm.model.network import build_model
+from charlm.sampling.options import StopScan, parse_temperatures, read_seed_file, unescape
+from charlm.sampling.sampler import generate, pick, seed_ids, warm
+from charlm.storage import checkpoint
 
 VOCAB = Vocab.from_text("abcdefghij \nTHE")
 
@@ -233,8 +233,8 @@ def test_cli_beam(tiny_run, tmp_path):
 
 
 def test_onnx_export_stops_and_takes_several_temperatures(tiny_run, tmp_path):
-    from charlm import onnx_runtime
-    from charlm.export import export_checkpoint
+    from charlm.export.writers import export_checkpoint
+    from charlm.storage import onnx as onnx_runtime
 
     best = tiny_run / "best.pt"
     onnx_model = onnx_runtime.load(export_checkpoint(best, "onnx", tmp_path / "m.onnx", False).path)

@@ -13,9 +13,9 @@ from importlib.metadata import version
 import pytest
 from conftest import TINY_CONFIG, charlm_exe, run_charlm
 
-from charlm import checkpoint
 from charlm.evaluate import evaluate_file
-from charlm.runs import list_runs
+from charlm.runs.directory import list_runs
+from charlm.storage import checkpoint
 
 LONG_NAME = "tinyshakespeare-gru-with-a-name-much-longer-than-an-eighty-column-table-allows"
 

@@ -13,10 +13,13 @@ import pytest
 import torch
 from conftest import run_cli
 
-from charlm import cells, config, errors, model, onnx_runtime
-from charlm.bench import train_flops_per_char
+from charlm import config, errors
 from charlm.config import Config, ModelConfig, validate
 from charlm.errors import ConfigError, first_line, internal_error
+from charlm.model import cells
+from charlm.model import network as model
+from charlm.storage import onnx as onnx_runtime
+from charlm.training.bench import train_flops_per_char
 
 PACKAGE = Path(__file__).resolve().parents[1] / "charlm"
 MODULES = sorted(PACKAGE.glob("*.py"))
@@ -46,8 +49,8 @@ def test_no_module_imports_itself_through_others():
                 todo.extend(graph.get(name, ()))
 
 
-@pytest.mark.parametrize("module", ["charlm.plot", "charlm.runs", "charlm.atomic",
-                                    "charlm.cells", "charlm.onnx_runtime", "charlm.units"])
+@pytest.mark.parametrize("module", ["charlm.runs.plot", "charlm.runs.directory", "charlm.files",
+                                    "charlm.model.cells", "charlm.storage.onnx", "charlm.units"])
 def test_torch_free_modules_do_not_import_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -56,7 +59,7 @@ def test_torch_free_modules_do_not_import_torch(module):
 
 
 def test_the_torch_check_itself_can_see_torch():
-    code = "import sys, charlm.checkpoint; print('torch' in sys.modules)"
+    code = "import sys, charlm.storage.checkpoint; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "True", proc.stderr
 
@@ -107,7 +110,7 @@ def test_cli_help_lists_the_cells_from_the_table():
 
 
 def test_typed_options_set_the_config_fields_directly():
-    from charlm.cli import _apply_options
+    from charlm.cli.commands import _apply_options
 
     cfg = Config()
     sources = _apply_options(cfg, ["train.lr=0.5"], seq_len=48, cell="gru", dropout=0.25,
@@ -121,7 +124,7 @@ def test_typed_options_set_the_config_fields_directly():
 
 
 def test_a_wrong_option_value_names_the_option():
-    from charlm.cli import _apply_options
+    from charlm.cli.commands import _apply_options
 
     cfg = Config()
     sources = _apply_options(cfg, [], seq_len=0)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, assert_clean_error, run_charlm, run_cli
 
-from charlm import sizing
 from charlm.config import Config, load_toml
-from charlm.model import build_model
+from charlm.model.network import build_model
+from charlm.training import sizing
 
 RULE = sizing.Rule.load()
 VAL = 110_000  # characters of validation text (tiny Shakespeare's tenth)
@@ -107,7 +107,7 @@ def test_near_ties_are_timed_twice_and_the_faster_timing_kept(monkeypatch):
 
 
 def test_evaluations_cost_a_slow_model_more_of_the_budget_and_at_most_a_fifth():
-    from charlm.pacing import MAX_EVAL_SHARE
+    from charlm.training.pacing import MAX_EVAL_SHARE
 
     slow, fast = (sizing.training_seconds(180, speed(v).eval_seconds(100_000)) for v in (15e3, 150e3))
     assert 180 * (1 - MAX_EVAL_SHARE) <= slow < fast < 180

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from charlm.cells import CELLS
 from charlm.config import Config
-from charlm.data import Batcher
-from charlm.distributed import Dist
+from charlm.data.batching import Batcher
 from charlm.errors import CheckpointError
-from charlm.state import TrainState, restore, rng_state, snapshot
+from charlm.model.cells import CELLS
+from charlm.training.distributed import Dist
+from charlm.training.state import TrainState, restore, rng_state, snapshot
 
 IDS = torch.arange(5000) % 50
 

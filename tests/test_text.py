@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from charlm.data.text import iter_text, resolve_source
 from charlm.errors import DataError
-from charlm.text import iter_text, resolve_source
 
 
 def read(path: Path, **kwargs) -> str:

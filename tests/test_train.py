@@ -10,11 +10,11 @@ import tomllib
 import pytest
 import torch
 
-from charlm import checkpoint
 from charlm.config import Config, TrainConfig, load_toml
 from charlm.errors import CharlmError
-from charlm.runs import new_run_dir, read_metrics
-from charlm.train import lr_at, planned_progress, train
+from charlm.runs.directory import new_run_dir, read_metrics
+from charlm.storage import checkpoint
+from charlm.training.setup import lr_at, planned_progress, train
 
 PATTERN = "abcdefg\n" * 500
 

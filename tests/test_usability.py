@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT, TINY_CONFIG, charlm_exe, run_charlm, run_cli
 
-from charlm import checkpoint
 from charlm.config import load_toml
+from charlm.data.text import read_text, resolve_source
 from charlm.evaluate import UNKNOWN_BITS
-from charlm.pacing import EVALS, LOGS, MAX_EVAL_SHARE, Pacer
-from charlm.runs import read_metrics
-from charlm.text import read_text, resolve_source
+from charlm.runs.directory import read_metrics
+from charlm.storage import checkpoint
+from charlm.training.pacing import EVALS, LOGS, MAX_EVAL_SHARE, Pacer
 
 TINY = ["--config", TINY_CONFIG, "--set", "train.threads=1"]
 

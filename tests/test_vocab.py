@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlm.vocab import Vocab, code_points, id_dtype
+from charlm.data.vocab import Vocab, code_points, id_dtype
 
 # Any code point except lone surrogates (which are not valid text), plus a few hand-picked
 # CJK characters and emoji so those always appear.

@@ -22,8 +22,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from charlm.corpus import tiny_shakespeare
-from charlm.sizing import RULE_FILE
+from charlm.data.corpus import tiny_shakespeare
+from charlm.training.sizing import RULE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = str(REPO / "configs" / "cpu.toml")

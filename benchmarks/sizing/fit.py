@@ -2,7 +2,7 @@
 
     python benchmarks/sizing/fit.py benchmarks/sizing/sweep.jsonl [--write]
 
-The law (``charlm.sizing``): best validation loss after training on C characters of a text
+The law (``charlm.training.sizing``): best validation loss after training on C characters of a text
 of D training characters, with a model of N parameters and dropout d,
 
     loss = E[text] + A / (g N)^alpha + B / C_eff^beta       (g = 1 for an LSTM, gru for a GRU)

@@ -5,9 +5,9 @@ texts, each appended as one JSON line to a results file that ``fit.py`` reads.
     python benchmarks/sizing/sweep.py CORPORA benchmarks/sizing/sweep.jsonl [--workers 2]
 
 A budget is given in seconds of *this* machine, measured quiet: the script first times each
-shape here with all cores (``charlm.sizing.measure``), then turns "S seconds" into the
+shape here with all cores (``charlm.training.sizing.measure``), then turns "S seconds" into the
 characters that shape would train on in a run of S seconds (evaluations take the rest:
-``charlm.sizing.training_seconds``) and runs it with ``--max-steps``. The loss after C
+``charlm.training.sizing.training_seconds``) and runs it with ``--max-steps``. The loss after C
 characters does not depend on how fast they were trained, so the runs themselves may share the
 CPU (``--workers 2``, one thread each) without changing their results, and the data fits in
 characters, not seconds: it carries over to other machines, where only the speeds differ.
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from charlm.corpus import tiny_shakespeare
+from charlm.data.corpus import tiny_shakespeare
 from charlm.device import resolve_precision, set_threads
-from charlm.sizing import LADDER, Shape, learning_rate, measure, training_seconds
+from charlm.training.sizing import LADDER, Shape, learning_rate, measure, training_seconds
 
 
 def shape_named(name: str) -> Shape:

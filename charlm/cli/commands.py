@@ -1,0 +1,930 @@
+"""The ``charlm`` command. It parses options, calls one library function per command and
+renders the result; it is the only module that knows about typer and rich.
+
+Over 300 lines: one short section per command, and typer's options read best one per line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shlex
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from charlm.errors import CharlmError, ConfigError, internal_error, path_error, printable
+from charlm.model.cells import CHOICES_TEXT as CELL_CHOICES
+
+app = typer.Typer(
+    help="Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+# No markup: file names, run names and messages are printed literally ("[v2] exp" stays so).
+out = Console(highlight=False, markup=False, soft_wrap=True)  # a line is never broken
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+
+
+_literal = printable  # every user-supplied string is printed through it
+
+
+def _error(message: str) -> None:
+    # One line whatever the message quotes (a file name or --set value with a newline in it).
+    err.print(Text.assemble(("error: ", "bold red"), _literal(message)))
+
+
+def _chars(chars, most: int = 20) -> str:
+    """Characters as a readable list of their reprs (escapes for control characters)."""
+    shown = ", ".join(repr(c) for c in list(chars)[:most])
+    return shown + (", ..." if len(chars) > most else "")
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=_literal(title), show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(no_wrap=True)
+    for key, value in rows:
+        table.add_row(_literal(key), _literal(value))
+    return table
+
+
+def _print_table(console: Console, table: Table) -> None:
+    """Print ``table`` with every cell on one line: when it is wider than the terminal it is
+    rendered at its own width (the terminal may wrap the long lines, but a run name or a path
+    is never cut or folded, so ``charlm runs | grep NAME`` finds it)."""
+    from rich.cells import cell_len
+    from rich.measure import Measurement
+
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    width = max(natural, cell_len(str(table.title or "")))
+    if width > console.width:
+        console = Console(file=console.file, width=width, highlight=False, markup=False,
+                          color_system=console.color_system, force_terminal=console.is_terminal)
+    console.print(table, soft_wrap=False)  # laid out at the width measured above
+
+
+def _print_json(document: dict) -> None:
+    """One JSON document on stdout; NaN and infinity (no value yet) become null."""
+    import json
+    import math
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    sys.stdout.write(json.dumps(clean(document), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+JSON_OPTION = typer.Option("--json", help="Print one JSON document (fields: docs/commands.md) instead of a table.")
+
+
+def _checkpoint(path: Path) -> Path:
+    """A checkpoint option or argument: a file, or a run directory (its best.pt, said)."""
+    from charlm.runs.directory import checkpoint_in
+
+    found = checkpoint_in(path)
+    if found != path:
+        err.print(Text(f"using {found}", style="dim"))
+    return found
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from charlm._version import __version__
+
+        out.print(f"charlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export."""
+
+
+# ---------------------------------------------------------------------------------- train
+# The config section of each typed option whose section is not ``train``.
+_SECTIONS = {
+    "cell": "model", "hidden_size": "model", "num_layers": "model", "embed_size": "model",
+    "dropout": "model", "encoding": "data", "val_fraction": "data",
+}
+
+
+def _random_seed(random_seed: int | None, seed: int | None) -> int | None:
+    """``train --random-seed``, or its old spelling ``--seed`` (with a note: in ``sample``,
+    --seed is the text to start from)."""
+    if seed is None:
+        return random_seed
+    if random_seed is not None:
+        raise ConfigError("--seed is the old spelling of --random-seed; give only --random-seed")
+    err.print("note: train --seed is deprecated and will be removed; use --random-seed "
+              "(as in every command; in sample, --seed is the text to start from)")
+    return seed
+
+
+def _apply_options(cfg, sets: list[str], **options) -> dict[str, str]:
+    """Set the given typed options on ``cfg`` (``--seq-len 64`` sets ``cfg.train.seq_len``),
+    then the ``--set`` strings over them. Returns {config key: option} for the fields an
+    option set, so that a value out of range is reported with the option's name."""
+    from charlm.config import apply_sets, set_value
+
+    sources = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        key = f"{_SECTIONS.get(name, 'train')}.{name}"
+        option = "--random-seed" if name == "seed" else "--" + name.replace("_", "-")
+        set_value(cfg, key, value, option)
+        sources[key] = option
+    apply_sets(cfg, sets)
+    for item in sets:  # a later --set decides the value
+        sources.pop(item.partition("=")[0].strip(), None)
+    return sources
+
+
+def _default(key: str) -> str:
+    """A config field's default, as ``train --help`` shows it (a --config file overrides)."""
+    from charlm.config import Config
+
+    section, _, name = key.partition(".")
+    value = getattr(getattr(Config(), section), name)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def train(
+    file: Annotated[Path | None, typer.Argument(
+        help="UTF-8 text file, or a directory of *.txt files. Default: tiny Shakespeare "
+        "(shipped with charlm), or the file a resumed run was trained on.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config, e.g. configs/cpu.toml; options given here override it.")] = None,
+    cell: Annotated[str | None, typer.Option(help=f"{CELL_CHOICES}: the recurrent cell.", show_default=_default("model.cell"))] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="Units in each recurrent layer.", show_default=_default("model.hidden_size"))] = None,
+    num_layers: Annotated[int | None, typer.Option(help="Stacked recurrent layers.", show_default=_default("model.num_layers"))] = None,
+    embed_size: Annotated[int | None, typer.Option(help="Size of each character's embedding vector.", show_default=_default("model.embed_size"))] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout probability on the embeddings, between layers and before the output layer, in [0, 1).", show_default=_default("model.dropout"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Streams per process.", show_default=_default("train.batch_size"))] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Window length (BPTT steps).", show_default=_default("train.seq_len"))] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.", show_default=_default("train.lr"))] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (0: no limit).", show_default=_default("train.max_steps"))] = None,
+    max_time: Annotated[float | None, typer.Option(help="Stop so that the whole run, final evaluation included, takes this many seconds (0: no limit).", show_default=_default("train.max_time"))] = None,
+    max_epochs: Annotated[float | None, typer.Option(help="Stop after this many epochs (0: no limit).", show_default=_default("train.max_epochs"))] = None,
+    size: Annotated[str | None, typer.Option(help="auto: with a time budget and no shape option, choose the model, batch, window, lr and dropout for the budget on this device; fixed: train the configured shape.", show_default=_default("train.size"))] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: about 12 times over the run's limit).", show_default=_default("train.eval_every"))] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log the training loss every N steps (0: about 50 times over the run's limit).", show_default=_default("train.log_every"))] = None,
+    random_seed: Annotated[int | None, typer.Option(help="Random seed (initial weights, data order, dropout, samples).", show_default=_default("train.seed"))] = None,
+    seed: Annotated[int | None, typer.Option(hidden=True, help="Deprecated spelling of --random-seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", show_default=_default("train.device"))] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.", show_default=_default("train.precision"))] = None,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding of FILE.", show_default=_default("data.encoding"))] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop after K evaluations without a new best (0: never).", show_default=_default("train.patience"))] = None,
+    keep_last: Annotated[int | None, typer.Option(help="Also keep the last K step checkpoints.", show_default=_default("train.keep_last"))] = None,
+    sample_every: Annotated[int | None, typer.Option(help="Print a sample every N steps (at evaluations; 0: at every evaluation).", show_default=_default("train.sample_every"))] = None,
+    no_samples: Annotated[bool, typer.Option("--no-samples", help="Print no samples during training.")] = False,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<stem>-<cell>).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any field: section.key=value (repeatable).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue a run: its directory or a checkpoint.")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="Start a new run from a checkpoint's weights.")] = None,
+    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="Resume on a file other than the run's.")] = False,
+    drop_unknown: Annotated[bool, typer.Option("--drop-unknown", help="Drop characters outside an --init-from vocabulary.")] = False,
+    grow_vocab: Annotated[bool, typer.Option("--grow-vocab", help="Add the text's new characters to an --init-from vocabulary.")] = False,
+    stop_at_step: Annotated[int, typer.Option(help="Pause at this step (resumable; the schedule is unchanged).")] = 0,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="A progress bar, or one plain line per log step and evaluation. Default: the bar when stderr is a terminal.")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help='Also write TensorBoard logs into the run directory (pip install "charlm\\[tensorboard]").')] = None,
+    dist_timeout: Annotated[float | None, typer.Option(help="Under torchrun: seconds to wait for a stalled process before all stop.", show_default="300")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the model's size, and exit without training.")] = False,
+) -> None:
+    """Train a model on a text file. Under torchrun, trains one model over all processes."""
+    from charlm.config import Config, load_toml, validate
+    from charlm.data.corpus import default_corpus
+    from charlm.runs.directory import check_resume_out
+    from charlm.storage import checkpoint
+    from charlm.training.distributed import from_env
+    from charlm.training.setup import EXIT_INTERRUPTED
+    from charlm.training.setup import train as run_training
+    from charlm.training.sizing import settle as settle_sizing
+
+    # Under torchrun: join the other processes first, so that an error in any process's
+    # setup is reported once and stops them all.
+    with from_env(dist_timeout) as dist:
+        if resume and init_from:
+            raise ConfigError("--resume and --init-from cannot be used together")
+        if allow_other_data and not resume:
+            raise ConfigError("--allow-other-data only applies with --resume")
+        if drop_unknown and not (resume or init_from):
+            raise ConfigError("--drop-unknown only applies with --resume or --init-from "
+                              "(a new run's vocabulary is built from its text)")
+        if grow_vocab and (not init_from or drop_unknown):
+            raise ConfigError("--grow-vocab only applies with --init-from, and not with --drop-unknown")
+        if no_samples and sample_every:
+            raise ConfigError("--no-samples and --sample-every cannot be used together")
+        resume_ckpt = init_ckpt = None
+        if resume is not None:
+            ckpt_path = resume / "last.pt" if resume.is_dir() else resume
+            resume_ckpt = checkpoint.load(ckpt_path)
+            if "train_state" not in resume_ckpt:
+                raise CharlmError(f"{ckpt_path} has no training state to resume (exported weights?)")
+            cfg = checkpoint.config_of(resume_ckpt)
+            out_dir = out_dir or ckpt_path.parent
+            check_resume_out(ckpt_path, out_dir)
+            if file is None:
+                source = resume_ckpt.get("train_file")
+                recorded = source.get("path") if isinstance(source, dict) else None
+                if not recorded or not Path(recorded).exists():
+                    raise CharlmError(
+                        f"the run's training file {recorded or '(not recorded)'} is not there; "
+                        f"name it: charlm train FILE --resume {shlex.quote(str(resume))}"
+                    )
+                file = Path(recorded)
+        else:
+            cfg = Config()
+            if init_from is not None:
+                init_ckpt = checkpoint.load(_checkpoint(init_from))
+                cfg.model = checkpoint.config_of(init_ckpt).model
+        given: set[str] = set()
+        if config is not None:
+            cfg = load_toml(config, cfg, given)
+        sources = _apply_options(
+            cfg, list(set_ or []),
+            cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
+            dropout=dropout, batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=max_steps,
+            max_time=max_time, max_epochs=max_epochs, size=size, eval_every=eval_every,
+            log_every=log_every, seed=_random_seed(random_seed, seed),
+            device=device, precision=precision, encoding=encoding, patience=patience,
+            keep_last=keep_last, sample_every=sample_every, tensorboard=tensorboard,
+        )
+        if no_samples:
+            cfg.train.sample_chars = 0
+        validate(cfg, sources)
+        keep = frozenset()
+        if resume_ckpt is None:
+            given |= set(sources) | {item.partition("=")[0].strip() for item in set_ or []}
+            if init_ckpt is not None:
+                given.add("model.cell")  # the checkpoint's shape
+            keep = settle_sizing(cfg, given)
+        if file is None:
+            file = default_corpus()
+            if dist.rank == 0:
+                err.print(f"training on tiny Shakespeare: {_literal(file)}")
+        if stop_at_step < 0:
+            raise ConfigError(f"--stop-at-step must be >= 0; got {stop_at_step}")
+        if grow_vocab:
+            from charlm.data.batching import scan_code_points
+
+            present = scan_code_points(file, cfg.data.encoding, cfg.data.errors,
+                                       newline=cfg.data.newline)
+            init_ckpt, added = checkpoint.grow_vocab(init_ckpt, present)
+            if dist.rank == 0:
+                err.print(f"vocabulary grown by {len(added)} characters: {_chars(added)}" if added
+                          else "vocabulary not grown: the text has no new characters")
+        if dry_run:
+            from charlm.training.dry_run import dry_run as plan
+
+            if dist.rank == 0:
+                r = plan(file, cfg, resume_ckpt or init_ckpt)
+                out.print(r.config_toml.rstrip())
+                if r.sized:
+                    err.print(f"model: chosen for the {cfg.train.max_time:g} s budget when training "
+                              "starts (automatic sizing times a few shapes on this device; "
+                              "--size fixed trains the shape above); vocabulary "
+                              f"{r.vocab_size:,} characters; dry run: nothing trained")
+                else:
+                    err.print(f"model: {r.num_parameters:,} parameters, vocabulary "
+                              f"{r.vocab_size:,} characters; dry run: nothing trained")
+            return
+
+        result = run_training(
+            file, cfg, out_dir=out_dir, resume=resume_ckpt, init_from=init_ckpt,
+            allow_other_data=allow_other_data, drop_unknown=drop_unknown,
+            stop_at_step=stop_at_step, progress=progress, dist=dist, keep=keep,
+        )
+    if dist.rank != 0:  # rank 0 speaks for every process
+        if result.stopped == "interrupted":
+            raise typer.Exit(EXIT_INTERRUPTED)
+        return
+    _print_summary(result)
+    _print_loss_curve(result.run_dir)
+    if result.stopped in ("interrupted", "stop_at_step"):
+        launcher = "charlm" if dist.world == 1 else "torchrun --nproc_per_node=N -m charlm"
+        what = "interrupted" if result.stopped == "interrupted" else "paused (--stop-at-step)"
+        err.print(
+            f"{what} at step {result.step}; saved {_literal(result.run_dir / 'last.pt')}. "
+            f"Resume with: {launcher} train --resume {_literal(shlex.quote(str(result.run_dir)))}"
+        )
+    if result.stopped == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _print_summary(r) -> None:
+    import math
+
+    from charlm.units import bits
+
+    def nats_and_bits(x: float, what: str = "") -> str:
+        if not math.isfinite(x):  # nothing measured yet (stopped before it)
+            return "not evaluated" if what == "val" else "not measured"
+        return f"{x:.4f} nats  {bits(x):.4f} bits"
+
+    rows = [
+        ("run", str(r.run_dir)),
+        ("stopped by", r.stopped),
+        ("steps", f"{r.step:,}"),
+        ("characters seen", f"{r.chars_seen:,}"),
+        ("time", f"{r.elapsed:,.1f} s"),
+        ("training speed", f"{r.chars_per_sec:,.0f} chars/s"),
+        ("evaluating", f"{r.eval_seconds:,.1f} s, {r.evaluations:,} evaluation"
+                       + "s" * (r.evaluations != 1)),
+        ("checkpoint saving", f"{r.save_seconds:,.2f} s ({r.save_seconds / max(r.elapsed, 1e-9):.1%})"),
+        (f"train loss ({r.train_steps or 'recent'})", nats_and_bits(r.train_loss)),
+        ("val loss (last)", nats_and_bits(r.val_loss, "val")),
+        ("val loss (best)", nats_and_bits(r.best_val_loss, "val")),
+        ("parameters", f"{r.num_parameters:,}"),
+        ("vocabulary", f"{r.vocab_size:,} characters"),
+        ("device", f"{r.device} ({r.precision})"),
+    ] + [("note", note) for note in r.notes]
+    _print_table(err, _table("charlm train", rows))
+
+
+def _print_loss_curve(run_dir: Path) -> None:
+    """The run's loss curve as a small character grid, so its shape shows without a PNG."""
+    from charlm.runs.plot import load_curves, loss_grid
+
+    try:
+        curves = load_curves(run_dir)
+    except CharlmError:  # nothing logged yet (a very short run): no curve, no fuss
+        return
+    grid = loss_grid(curves, width=max(20, min(64, err.width - 10)), height=8)
+    if grid is None:
+        return
+    # Drawn in ASCII on a console that cannot encode the drawing characters (cp1252, ascii).
+    fancy = err.encoding.lower().replace("-", "").startswith(("utf", "cp65001"))
+    dot, disc, tick, bar, corner, rule = "•●┤│└─" if fancy else ".o+|+-"
+    glyphs = {"t": (dot, "cyan"), "v": (disc, "bold magenta"), " ": (" ", "")}
+    lines = [Text.assemble("bits/char  ", (dot, "cyan"), " train  ", (disc, "bold magenta"),
+                           " validation", style="dim")]
+    for i, row in enumerate(grid.rows):
+        label = {0: f"{grid.y_max:6.2f} {tick}", len(grid.rows) - 1: f"{grid.y_min:6.2f} {tick}"}
+        line = Text(label.get(i, f"       {bar}"), style="dim")
+        for cell in row:
+            line.append(*glyphs[cell])
+        lines.append(line)
+    width = len(grid.rows[0])
+    lines.append(Text(f"       {corner}" + rule * width, style="dim"))
+    right = f"{grid.x_max:,} characters"
+    lines.append(Text("        0" + right.rjust(width - 1), style="dim"))
+    for line in lines:
+        err.print(line, no_wrap=True, overflow="crop", soft_wrap=False)
+
+
+# --------------------------------------------------------------------------------- sample
+@app.command()
+def sample(
+    checkpoint_path: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint, export or run directory (default: best.pt of the newest run under runs/).")] = None,
+    seed: Annotated[str, typer.Option("--seed", "-s", help="Text to start from.")] = "",
+    seed_file: Annotated[str | None, typer.Option("--seed-file", metavar="PATH", help="Start from the text of a file (up to 16 MiB; - for standard input). It is not echoed.")] = None,
+    length: Annotated[int, typer.Option("--length", "-n", help="Characters to generate.")] = 500,
+    temperature: Annotated[list[str] | None, typer.Option("--temperature", "-t", metavar="T[,T...]", help="0 is greedy; several (-t 0.5 -t 1 or 0.5,1) give samples for each. Default 0.8.")] = None,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1: off).")] = 1.0,
+    num_samples: Annotated[int, typer.Option(help="Independent samples, generated as one batch.")] = 1,
+    random_seed: Annotated[int | None, typer.Option(help="Same seed, same text from the same file (an .onnx export samples with numpy's generator, so its text differs from the .pt's; greedy -t 0 text is the same).")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", metavar="TEXT", help="End each sample right after this text (repeatable; \\n is a newline).")] = None,
+    beam: Annotated[int, typer.Option(help="Beam search of this width: the most likely text (0: sample).")] = 0,
+    drop_unknown: Annotated[bool, typer.Option("--drop-unknown", help="Drop seed characters outside the vocabulary.")] = False,
+    no_echo: Annotated[bool, typer.Option("--no-echo", help="Print only the continuation, not the seed text.")] = False,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Continue each line you type (Ctrl-D or Ctrl-C ends).")] = False,
+    keep_state: Annotated[bool, typer.Option("--keep-state", help="With --interactive: carry the model's state across turns.")] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Generate text from a seed string."""
+    from charlm.api import load
+    from charlm.sampling.options import (
+        StopScan,
+        check_beam,
+        check_interactive,
+        check_options,
+        check_stops,
+        parse_temperatures,
+        read_seed_file,
+        sample_labels,
+        seed_ids,
+        unescape,
+    )
+
+    temps = parse_temperatures(temperature)
+    onnx = checkpoint_path is not None and checkpoint_path.suffix.lower() == ".onnx"
+    check_options(length, temps, top_k, top_p, num_samples, random_seed)
+    check_beam(beam, temps, top_k, top_p, num_samples, random_seed, temperature is not None, onnx)
+    check_interactive(interactive, keep_state, seed, seed_file, beam, num_samples, temps, onnx)
+    if interactive and sys.stdin is None:  # started with <&-
+        raise CharlmError("standard input is closed; --interactive reads the lines to continue "
+                          "from it (or give the text with --seed)")
+    stops = [unescape(text) for text in stop or []]
+    if seed_file is not None:
+        if seed:
+            raise ConfigError("--seed and --seed-file cannot be used together")
+        seed = read_seed_file(seed_file)
+    if checkpoint_path is None:
+        from charlm.runs.directory import latest_checkpoint
+
+        checkpoint_path = latest_checkpoint()
+        err.print(f"using {_literal(checkpoint_path)}", style="dim")
+    else:
+        checkpoint_path = _checkpoint(checkpoint_path)
+    lm = load(checkpoint_path, device)  # what the Python API's charlm.load() gives
+    model, vocab = lm.network, lm.vocab
+    if seed_file is not None and lm.config.data.newline == "normalize":
+        # Line endings as the model's training text was read: CRLF and CR become "\n".
+        seed = seed.replace("\r\n", "\n").replace("\r", "\n")
+    check_stops(vocab, stops)
+    if interactive:
+        from charlm.sampling.interactive import Session
+
+        _interactive(Session(model, vocab, length, temps[0], top_k, top_p, random_seed, stops,
+                             keep_state, drop_unknown))
+        return
+    ids = seed_ids(vocab, seed, drop_unknown)
+    if drop_unknown and len(ids) != len(seed):
+        dropped = len(seed) - len(ids)
+        err.print(f"dropped {dropped} seed character{'s' * (dropped != 1)} outside the vocabulary")
+        seed = vocab.decode(ids)  # what the model continues from
+    seed_text = vocab.decode(ids)
+    if seed_file is not None or no_echo:
+        seed = ""  # a file can be long: print only what the model adds
+    if num_samples > 1 and 0.0 in temps:
+        err.print(f"note: temperature 0 is greedy: its {num_samples} samples are identical")
+    labels = sample_labels(temps, num_samples)
+    headed = len(labels) > 1
+    # The first sample is printed as it is generated (the others come with it, as one batch,
+    # and are printed after it), so `charlm sample | head` returns at once.
+    streamed: list[str] = []
+    scan = StopScan(stops, 1) if stops else None
+
+    def on_step(new_ids: list[int]) -> None:
+        if scan is not None and scan.ends[0] is not None:
+            return  # its text ended at a stop text; the batch goes on for the others
+        streamed.append(vocab.chars[new_ids[0]])
+        if scan is not None:
+            scan.feed(streamed[-1:])
+        sys.stdout.write(streamed[-1])
+        sys.stdout.flush()
+
+    try:
+        if beam:
+            from charlm.sampling.beam import beam_search
+
+            r = beam_search(model, vocab, ids, length, beam, stop=stops)
+            sys.stdout.write(_line(seed + r.text))
+            sys.stdout.flush()
+            err.print(f"beam {beam}: log-probability {r.logprob:.4f} nats over {len(r.ids)} "
+                      f"characters ({r.score:.4f} per character)")
+            return
+        sys.stdout.write((f"--- {labels[0]} ---\n" if headed else "") + seed)
+        sys.stdout.flush()
+        texts = lm.generate(seed_text, length, temps, top_k, top_p, num_samples, random_seed,
+                            include_seed=False, on_step=on_step, stop=stops)
+        first = "".join(streamed)
+        sys.stdout.write(_line(seed + texts[0])[len(seed) + len(first):])
+        for label, text in zip(labels[1:], texts[1:], strict=True):
+            sys.stdout.write(f"\n--- {label} ---\n{_line(seed + text)}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
+
+
+def _interactive(session) -> None:
+    """The prompt loop on this terminal (with readline's line editing and history where Python
+    has it), or on piped standard input, without prompts."""
+    from charlm.sampling.interactive import check_line, line_reader, run
+
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() line editing
+        except ImportError:  # Windows without pyreadline
+            pass
+        err.print("type a line and press Enter; Ctrl-D or Ctrl-C ends", style="dim")
+
+        def read_line() -> str:
+            return check_line(input("> "))
+    else:
+        read_line = line_reader(sys.stdin)  # at most MAX_LINE_CHARS a line
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        run(session, read_line, write, _error)
+    except BrokenPipeError:
+        _reader_gone()
+
+
+def _line(text: str) -> str:
+    """``text`` ending with one newline: a sample cut after a stop text "\\n" has its own."""
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _reader_gone() -> None:
+    """stdout's reader went away (``charlm sample | head``): stop quietly with status 0.
+    stdout is pointed at /dev/null so that Python's flush at exit cannot fail again."""
+    from charlm.streams import to_devnull
+
+    to_devnull(sys.stdout)
+    raise typer.Exit(0)
+
+
+# ---------------------------------------------------------------------------- eval / info
+@app.command("eval")
+def eval_(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint, a .safetensors export, or a run directory (its best.pt).")],
+    file: Annotated[Path, typer.Argument(help="Text file to evaluate on.")],
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")] = "auto",
+    encoding: Annotated[str, typer.Option(help="Text encoding of FILE.")] = "utf-8",
+    unknown: Annotated[str, typer.Option(metavar="drop|charge", help="Characters outside the model's vocabulary: drop them (bits/char over the rest), or charge each log2(1,114,112) = 20.09 bits (the cost of naming any Unicode code point), so that texts with such characters compare.")] = "drop",
+    precision: Annotated[str, typer.Option(help="fp32 (exact), or auto/bf16/fp16: faster autocast, as in training.")] = "fp32",
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="A progress bar. Default: when stderr is a terminal.")] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Loss of a checkpoint over a whole text file."""
+    from charlm.api import load
+
+    checkpoint_path = _checkpoint(checkpoint_path)
+    lm = load(checkpoint_path, device)
+    show = sys.stderr.isatty() if progress is None else progress
+    with _progress_bar(show, "evaluating", "char") as on_progress:
+        r = lm.evaluate(file, encoding=encoding, unknown=unknown, precision=precision,
+                        on_progress=on_progress)
+    if r.unknown:
+        what = (f"each charged {r.to_dict()['unknown_bits']:.2f} bits" if r.unknown_mode == "charge"
+                else "dropped: bits/char is over the rest (--unknown charge counts them)")
+        err.print(f"warning: {r.unknown:,} characters ({r.unknown_share:.1%}) of the text are "
+                  f"outside the model's vocabulary; {what}")
+    if as_json:
+        _print_json({"checkpoint": str(checkpoint_path), "file": str(file), **r.to_dict()})
+        return
+    _print_table(out, _table("charlm eval", [
+        ("checkpoint", str(checkpoint_path)),
+        ("text", str(file)),
+        ("loss", f"{r.loss:.4f} nats/char"),
+        ("bits per char", f"{r.bpc:.4f}"),
+        ("perplexity", f"{r.perplexity:.3f}"),
+        ("characters", f"{r.chars:,}"),
+        ("outside vocabulary", f"{r.unknown:,} ({r.unknown_share:.1%}, "
+                               f"{'charged' if r.unknown_mode == 'charge' else 'dropped'})"),
+    ]))
+
+
+@contextmanager
+def _progress_bar(show: bool, what: str, unit: str):
+    """A tqdm bar on stderr when ``show``; yields the callback ``(done, total)`` feeding it
+    (None without a bar)."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=what, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+@app.command()
+def info(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint, or a run directory (its best.pt).")],
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Describe a checkpoint."""
+    from charlm.storage import checkpoint
+
+    checkpoint_path = _checkpoint(checkpoint_path)
+    ckpt = checkpoint.read(checkpoint_path)
+    checkpoint.check_weights(ckpt)  # so the numbers below describe real weights
+    d = checkpoint.describe(ckpt)
+    if as_json:
+        _print_json({"checkpoint": str(checkpoint_path), **d})
+        return
+
+    def number(value, spec: str) -> str:
+        return "?" if value is None else format(value, spec)
+
+    source = d["train_file"]
+    best = d["best_val_loss"]
+    _print_table(out, _table("charlm info", [
+        ("checkpoint", str(checkpoint_path)),
+        ("cell", d["cell"]),
+        ("embedding / hidden / layers", f"{d['embed_size']} / {d['hidden_size']} / {d['num_layers']}"),
+        ("dropout", f"{d['dropout']:g}"),
+        ("parameters", f"{d['parameters']:,}"),
+        ("vocabulary", f"{d['vocab_size']:,} characters"),
+        *[("vocabulary growth", f"{g['base_size']:,} + {len(g['added']):,} characters: "
+                                f"{_chars(g['added'])}")
+          for g in d["vocab_growth"]],
+        ("steps", number(d["steps"], ",")),
+        ("epochs", number(d["epochs"], ".2f")),
+        ("best val loss", "?" if best is None else f"{best:.4f} nats ({d['best_val_bpc']:.4f} bits/char)"),
+        ("training time", "?" if d["elapsed"] is None else f"{d['elapsed']:,.1f} s"),
+        ("training file", f"{source['name'] or '?'} ({number(source['size'], ',')} bytes)"),
+        ("file sha256", str(source["sha256"] or "?")),
+        ("format / charlm / torch",
+         f"{d['format_version']} / {d['charlm_version']} / {d['torch_version']}"),
+    ]))
+
+
+@app.command()
+def export(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .pt checkpoint (or a .safetensors export), or a run directory (its best.pt).")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="safetensors or onnx.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (default: CHECKPOINT with the suffix of the format).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Export a checkpoint as safetensors or ONNX, verified against PyTorch."""
+    from charlm.export.writers import TOLERANCE, export_checkpoint
+
+    r = export_checkpoint(_checkpoint(checkpoint_path), format_, output, force)
+    batches = " and ".join(str(b) for b in r.batches)
+    with _written(r.path):
+        _print_table(out, _table("charlm export", [
+            ("file", str(r.path)),
+            ("format", f"{r.format} ({r.cell})"),
+            ("size", f"{r.size:,} bytes"),
+            ("verified", f"batch {batches}: max |diff| from PyTorch {r.max_diff:.1e} (< {TOLERANCE:g})"),
+        ]))
+
+
+@contextmanager
+def _written(path: Path):
+    """Around the summary of a file just written: when stdout cannot take it, the one-line
+    error says that the file itself was written (the exit status is still 1)."""
+    from charlm.streams import OutputLost
+
+    try:
+        yield
+    except OutputLost as exc:
+        raise OutputLost(f"{exc}; {_literal(path)} itself was written") from None
+
+
+# ---------------------------------------------------------------------------- plot / runs
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Run directories to compare.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="A .png, .svg or .pdf file (default: RUN_DIR/loss.png, or loss.png for several runs).")] = None,
+    width: Annotated[int, typer.Option(help="Image width in pixels.")] = 1200,
+    height: Annotated[int, typer.Option(help="Image height in pixels.")] = 480,
+) -> None:
+    """Plot train and validation loss (bits/char) against characters seen and wall time."""
+    from charlm.runs.plot import plot_runs
+
+    r = plot_runs(run_dirs, output, width=width, height=height)
+    for why in r.skipped:
+        err.print(Text(f"warning: skipped {_literal(why)}"))
+    for warning in r.warnings:
+        err.print(Text(f"warning: {_literal(warning)}"))
+    runs_text = "1 run" if r.runs == 1 else f"{r.runs} runs"
+    with _written(r.path):
+        out.print(f"wrote {_literal(r.path)} ({r.width}x{r.height} px, {runs_text}, {r.curves} curves)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+@app.command()
+def runs(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Folder of run directories.")] = Path("runs"),
+    text: Annotated[str | None, typer.Option("--text", metavar="NAME", help="Only the runs trained on the text of this name (as the text column shows it).")] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """List the runs in DIR (default runs/) by training text, best validation loss first."""
+    from datetime import datetime
+
+    from charlm.runs.directory import list_runs
+
+    warnings: list[str] = []
+    found = list_runs(directory, text, warnings)
+    for warning in warnings:  # what could not be read is left out, said in one line each
+        err.print(Text(f"warning: {_literal(warning)}"))
+    if as_json:
+        _print_json({"directory": str(directory), "runs": [r.to_dict() for r in found]})
+        return
+    if not found:
+        out.print(f"no runs on {_literal(text)} in {_literal(directory)}" if text is not None
+                  else f"no runs in {_literal(directory)} yet; start one with: charlm train")
+        return
+    # A light box, and no padding on narrow terminals; no cell ever wraps: a table wider than
+    # the terminal is printed whole (see _print_table).
+    table = Table(title=f"runs in {_literal(directory)} by training text, best validation loss first",
+                  title_justify="left",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  padding=(0, 1) if out.width >= 100 else (0, 0))
+    for name in ("text", "run", "cell", "size", "steps", "val loss", "bits/char", "chars/s",
+                 "time", "date"):
+        table.add_column(name, justify="left" if name in ("text", "run", "cell", "date") else "right",
+                         no_wrap=True)
+    for i, r in enumerate(found):
+        size = "?" if r.hidden_size is None else f"{r.hidden_size}x{r.num_layers or '?'}"
+        same_text = i > 0 and found[i - 1].text == r.text
+        table.add_row(
+            "" if same_text else _literal(r.text or "?"), _literal(r.name),
+            _literal(r.cell or "?"), size, f"{r.steps:,}",
+            "-" if r.best_val_loss is None else f"{r.best_val_loss:.4f}",
+            "-" if r.best_val_bpc is None else f"{r.best_val_bpc:.4f}",
+            "-" if r.chars_per_sec is None else f"{r.chars_per_sec:,.0f}",
+            _duration(r.elapsed) if r.elapsed > 0 else "-",
+            datetime.fromtimestamp(r.modified).strftime("%Y-%m-%d %H:%M"),
+        )
+    _print_table(out, table)
+
+
+@app.command()
+def bench(
+    config: Annotated[Path | None, typer.Option(help="TOML config whose model and batch to measure.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any field: section.key=value.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", show_default=_default("train.device"))] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.", show_default=_default("train.precision"))] = None,
+    steps: Annotated[int, typer.Option(min=2, max=100_000, help="Training steps to time.")] = 30,
+    random_seed: Annotated[int | None, typer.Option(help="Random seed of the weights and batches.", show_default=_default("train.seed"))] = None,
+    sample_length: Annotated[int, typer.Option(min=10, max=10_000_000, help="Characters per sampling run.")] = 2000,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Measure training and sampling speed of a config on this device."""
+    from charlm.config import Config, load_toml, validate
+    from charlm.training import bench as benchmark
+
+    cfg = load_toml(config) if config else Config()
+    validate(cfg, _apply_options(cfg, list(set_ or []), device=device, precision=precision,
+                                 seed=random_seed))
+    r = benchmark.run(cfg, steps=steps, sample_length=sample_length)
+    m = cfg.model
+    if as_json:
+        _print_json({**r.to_dict(), "model": cfg.to_dict()["model"],
+                     "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len})
+        return
+    _print_table(out, _table(f"charlm bench ({r.device}, {r.precision})", [
+        ("model", f"{m.cell} {m.hidden_size} x {m.num_layers}, embedding {m.embed_size}, "
+                  f"{r.params:,} parameters"),
+        ("batch x window", f"{cfg.train.batch_size} x {cfg.train.seq_len}"),
+        ("CPU threads", str(r.threads) if r.threads else "-"),
+        ("training", f"{r.train_chars_per_sec:,.0f} chars/s"),
+        ("sampling, 1 stream", f"{r.sample_one_chars_per_sec:,.0f} chars/s"),
+        (f"sampling, {r.sample_batch} streams", f"{r.sample_batch_chars_per_sec:,.0f} chars/s"),
+        ("matmul peak (measured)", f"{r.matmul_gflops:,.0f} GFLOP/s"),
+        ("training arithmetic", f"{r.model_gflops:,.1f} GFLOP/s = {r.peak_fraction:.0%} of peak"),
+    ]))
+
+
+# ---------------------------------------------------------------------------------- entry
+def _flags_as_flags(command) -> None:
+    """Help shows a boolean option as a bare flag (``--dry-run``), not ``--dry-run <bool>``:
+    typer gives every option a type label, which says nothing for a flag."""
+    make_help = command.get_help_option
+
+    def help_option(ctx):
+        option = make_help(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for param in command.params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _flags_as_flags(sub)
+
+
+# How torch's CPU and CUDA allocators word a failed allocation.
+_ALLOCATOR = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: library errors become one line on stderr and a non-zero exit code."""
+    from charlm.signals import interrupting
+    from charlm.streams import guarded
+
+    # SIGTERM and SIGHUP stop every command as Ctrl-C does. Called without argv (the
+    # console script), the process ends next: a signal during its exit changes nothing.
+    # stdout and stderr escape what the console cannot encode, and a lost one is turned off
+    # (charlm.streams); the console script keeps them so for Python's flush at exit.
+    with guarded(restore=argv is not None), interrupting(to_the_end=argv is None):
+        _main(argv)
+
+
+def _interrupted() -> None:
+    """The one line a stop signal outside training leaves (training says how to resume);
+    nothing when stderr is gone (a closed terminal)."""
+    import signal
+
+    from charlm.signals import received
+
+    if received():
+        try:
+            err.print(f"interrupted by {signal.Signals(received()).name}")
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _exit_if_interrupted() -> None:
+    """An error after a stop signal is the interruption's (an exporter or an import cut
+    short reports a failure of its own): exit as interrupted, without the error."""
+    from charlm.signals import EXIT_INTERRUPTED, received
+
+    if received():
+        _interrupted()
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _main(argv: list[str] | None) -> None:
+    command = typer.main.get_command(app)
+    _flags_as_flags(command)
+    try:
+        # Typer returns the code of an Exit (including 130 for Ctrl-C) instead of raising it.
+        code = command.main(args=argv, prog_name="charlm", standalone_mode=False)
+        if code == 130:
+            _interrupted()
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as exc:  # click's usage errors, as typer vendors them
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `charlm`: the help (rich has
+            if str(exc).strip():  # already printed it when it renders help itself)
+                err.print(str(exc))
+            sys.exit(0)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _error(" ".join(message.split()) + hint)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except CharlmError as exc:
+        _exit_if_interrupted()
+        if not getattr(exc, "quiet", False):  # another training process printed it
+            _error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _interrupted()
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (charlm sample | head): exit quietly, without a second error
+        # when Python flushes stdout at exit.
+        from charlm.streams import to_devnull
+
+        to_devnull(sys.stdout)
+        sys.exit(0)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        _exit_if_interrupted()
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, for CUDA (torch not imported here)
+            _error("out of GPU memory; lower --num-samples (sample), or use a smaller model, "
+                   "--batch-size or --seq-len")
+            sys.exit(1)
+        if isinstance(exc, MemoryError) or _ALLOCATOR.search(str(exc)):
+            tried = re.search(r"allocate (\d+) bytes", str(exc))
+            size = f" (an allocation of {int(tried.group(1)) / 2**30:,.1f} GiB failed)" if tried else ""
+            _error(f"out of memory{size}; use a smaller model or batch")
+            sys.exit(1)
+        problem = path_error(exc) if isinstance(exc, OSError) and exc.filename else None
+        if problem is not None:  # a path too long, permission denied, ...: named, one line
+            if not os.environ.get("CHARLM_DEBUG"):
+                _error(str(problem))
+                sys.exit(problem.exit_code)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            # Files the library writes report their own errors: this is stdout (/dev/full, a
+            # full disk under a redirect). Point it at /dev/null so the flush at exit is quiet.
+            _error(f"cannot write the output: {exc.strerror}")
+            from charlm.streams import to_devnull
+
+            to_devnull(sys.stdout)
+            sys.exit(1)
+        if os.environ.get("CHARLM_DEBUG"):
+            raise
+        _error(f"{internal_error(exc)} (set CHARLM_DEBUG=1 for the traceback)")
+        sys.exit(1)
+

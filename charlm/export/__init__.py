@@ -1,0 +1,1 @@
+"""Exporting a checkpoint for use without charlm."""

@@ -1,0 +1,1 @@
+"""The network: Embedding -> RNN/LSTM/GRU -> Linear, and its single-step sampler form."""

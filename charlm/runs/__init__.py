@@ -1,0 +1,1 @@
+"""Run directories: naming, locking, metrics, listing and plotting."""

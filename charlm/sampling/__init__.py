@@ -1,0 +1,1 @@
+"""Sampling: the sampler, beam search, sampling options and stop texts, interactive use."""

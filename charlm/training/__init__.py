@@ -1,0 +1,1 @@
+"""Training: setup, loop, pacing, schedule, state, saving, monitors, distributed runs, sizing."""
