@@ -173,6 +173,14 @@ def test_a_path_too_long_by_the_real_command(tmp_path):
     assert proc.returncode == 2
 
 
+def test_train_out_too_long_is_a_bad_argument(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n" * 200)
+    proc = run_charlm("train", text, "--out", tmp_path / LONG, "--max-steps", "1")
+    assert_clean_error(proc, "cannot be used: File name too long")
+    assert proc.returncode == 2
+
+
 # ------------------------------------------ 4. an unsearchable directory, an unreadable run
 def _deny(monkeypatch, denied: Path, files_too: bool = True) -> None:
     """What the OS does for a directory of mode 000 (to anyone but root): the directory

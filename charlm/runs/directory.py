@@ -21,7 +21,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from charlm.errors import CharlmError, ConfigError, printable
+from charlm.errors import CharlmError, ConfigError, path_error, printable
 from charlm.files import (
     atomic_write_text,
     is_charlm_temporary,
@@ -78,7 +78,9 @@ def check_out_dir(path: Path, resuming: bool) -> None:
     try:
         exists, is_dir = path.exists(), path.is_dir()
     except OSError as exc:  # a name too long, a component that is not a directory, ...
-        raise CharlmError(f"--out {printable(path)} cannot be used: {exc.strerror}") from None
+        error = CharlmError(f"--out {printable(path)} cannot be used: {exc.strerror}")
+        error.exit_code = getattr(path_error(exc, path), "exit_code", 1)  # a bad name: 2
+        raise error from None
     if exists and not is_dir:
         raise CharlmError(f"--out {printable(path)} exists and is not a directory")
     if exists:
