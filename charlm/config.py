@@ -4,6 +4,12 @@ A run's config has three sections, ``model``, ``data`` and ``train``. Files in `
 and ``--set section.key=value`` options only override fields that exist; an unknown key, a
 wrong type or a value out of range is a :class:`ConfigError` naming the valid choices.
 
+Each field is declared once, in its ``field(metadata=setting(...))``: default, help text,
+range or choices and, for the typed options of ``charlm train``, its flag. Validation and its
+messages, TOML, ``--set``, ``charlm.train(**overrides)`` (:func:`apply_overrides`) and the
+command's options and ``--help`` (charlm.cli.settings) are all read from :data:`SETTINGS`.
+Adding a setting is one field here (and its row in tests/test_settings.py, which walks them).
+
 Over 300 lines: one concept, the fields with their defaults and ranges, and their reading
 from files and options, which read best side by side.
 """
@@ -13,79 +19,149 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from charlm.data.text import NEWLINES, check_encoding
-from charlm.errors import ConfigError, DataError
+from charlm.errors import CharlmError, ConfigError
+from charlm.model.cells import CHOICES_TEXT as CELLS_TEXT
 from charlm.model.cells import NAMES as CELLS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What one config field is, declared once in its ``field(metadata=setting(...))``:
+    everything else (validation and its messages, TOML, ``--set``, ``charlm.train(**overrides)``,
+    the typed options of ``charlm train`` and their ``--help``) reads it from here."""
+
+    section: str
+    name: str
+    kind: type
+    default: Any
+    help: str
+    # (low, high); None is unbounded. open_low: low itself is refused; open_high: high is.
+    range: tuple[float | None, float | None] | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[str, ...] | None = None
+    # The option of ``charlm train`` that sets it (a bool gets --flag/--no-flag), or None.
+    flag: str | None = None
+    # A further check of the value: raises CharlmError with what is wrong.
+    check: Callable[[Any], Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def option(self) -> str | None:
+        """The option's parameter name (``--random-seed``: ``random_seed``)."""
+        return self.flag[2:].replace("-", "_") if self.flag else None
+
+    def default_text(self) -> str:
+        """The default as ``--help`` shows it: 0.003, not 0.0030000000000000001."""
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+
+def setting(help: str, *, range: tuple[float | None, float | None] | None = None,
+            open_low: bool = False, open_high: bool = False,
+            choices: tuple[str, ...] | None = None, flag: str | None = None,
+            check: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """A config field's metadata: its help text, range or choices and command-line flag."""
+    return {"charlm": dict(help=help, range=range, open_low=open_low, open_high=open_high,
+                           choices=choices, flag=flag, check=check)}
+
+
+def _field(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata=setting(help, **meta))
+
+
+_BIG = 1 << 20  # 1048576: windows, batches and sample lengths
+_SEED_MAX = 2**63 - 1
+
+
 @dataclass
 class ModelConfig:
-    cell: str = "lstm"
-    embed_size: int = 128
-    hidden_size: int = 256
-    num_layers: int = 1
-    dropout: float = 0.0
+    cell: str = _field("lstm", f"{CELLS_TEXT}: the recurrent cell.", choices=CELLS, flag="--cell")
+    embed_size: int = _field(128, "Size of each character's embedding vector.",
+                             range=(1, 65536), flag="--embed-size")
+    hidden_size: int = _field(256, "Units in each recurrent layer.", range=(1, 65536),
+                              flag="--hidden-size")
+    num_layers: int = _field(1, "Stacked recurrent layers.", range=(1, 64), flag="--num-layers")
+    dropout: float = _field(0.0, "Dropout probability on the embeddings, between layers and "
+                            "before the output layer, in [0, 1).", range=(0.0, 1.0),
+                            open_high=True, flag="--dropout")
 
 
 @dataclass
 class DataConfig:
-    val_fraction: float = 0.1
-    encoding: str = "utf-8"
-    # "strict" refuses undecodable bytes; "replace" maps them to U+FFFD.
-    errors: str = "strict"
-    # "normalize" reads CRLF and CR line endings as \n (as Python's text mode); or "keep".
-    newline: str = "normalize"
+    val_fraction: float = _field(0.1, "Share of the text held out for validation.",
+                                 range=(0.0, 0.9), open_low=True)
+    encoding: str = _field("utf-8", "Text encoding of FILE.", check=check_encoding,
+                           flag="--encoding")
+    errors: str = _field("strict", "strict refuses undecodable bytes; replace maps them to U+FFFD.",
+                         choices=("strict", "replace"))
+    newline: str = _field("normalize", "normalize reads CRLF and CR line endings as \\n (as "
+                          "Python's text mode); keep leaves them.", choices=NEWLINES)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
-    seq_len: int = 64
-    lr: float = 3e-3
-    # Cosine decay ends at lr * min_lr_ratio.
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    batch_size: int = _field(64, "Streams per process.", range=(1, _BIG), flag="--batch-size")
+    seq_len: int = _field(64, "Window length (BPTT steps).", range=(1, _BIG), flag="--seq-len")
+    lr: float = _field(3e-3, "Peak learning rate.", range=(0.0, 10.0), open_low=True, flag="--lr")
+    min_lr_ratio: float = _field(0.1, "Cosine decay ends at lr * min_lr_ratio.", range=(0.0, 1.0))
+    warmup_steps: int = _field(100, "Steps of linear learning-rate warmup.", range=(0, None))
+    weight_decay: float = _field(0.01, "AdamW weight decay.", range=(0.0, 10.0))
+    grad_clip: float = _field(1.0, "Clip the gradient norm to this (0: no clipping).",
+                              range=(0.0, None))
     # Limits: training stops at whichever comes first; 0 means no limit.
-    max_steps: int = 2000
-    max_time: float = 0.0
-    max_epochs: float = 0.0
-    # "auto": with a time budget (max_time), choose the model, batch, window, learning rate
-    # and dropout for it on this device (charlm.training.sizing). "fixed": train the shape configured.
-    # The front ends (charlm train, charlm.train()) make it "auto" unless it or a shape field
-    # is given; a Config built in Python trains its own shape.
-    size: str = "fixed"
-    # Evaluate / log every N steps; 0 paces them to the run's limits (charlm.training.pacing).
-    eval_every: int = 0
-    log_every: int = 0
-    seed: int = 1337
-    device: str = "auto"
-    precision: str = "auto"
-    # CPU threads for torch; 0 picks the number of physical cores available.
-    threads: int = 0
-    # Evaluation: number of parallel streams and window length over the validation split.
+    max_steps: int = _field(2000, "Stop after this many steps (0: no limit).", range=(0, None),
+                            flag="--max-steps")
+    max_time: float = _field(0.0, "Stop so that the whole run, final evaluation included, takes "
+                             "this many seconds (0: no limit).", range=(0.0, None),
+                             flag="--max-time")
+    max_epochs: float = _field(0.0, "Stop after this many epochs (0: no limit).", range=(0.0, None),
+                               flag="--max-epochs")
+    # "auto" sizes with charlm.training.sizing. The front ends (charlm train, charlm.train())
+    # make it "auto" unless it or a shape field is given; a Config built in Python trains its
+    # own shape.
+    size: str = _field("fixed", "auto: with a time budget and no shape option, choose the model, "
+                       "batch, window, lr and dropout for the budget on this device; fixed: train "
+                       "the configured shape.", choices=("auto", "fixed"), flag="--size")
+    # 0 paces evaluation and logging to the run's limits (charlm.training.pacing).
+    eval_every: int = _field(0, "Evaluate every N steps (0: about 12 times over the run's limit).",
+                             range=(0, None), flag="--eval-every")
+    log_every: int = _field(0, "Log the training loss every N steps (0: about 50 times over the "
+                            "run's limit).", range=(0, None), flag="--log-every")
+    seed: int = _field(1337, "Random seed (initial weights, data order, dropout, samples).",
+                       range=(0, _SEED_MAX), flag="--random-seed")
+    device: str = _field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
+                         flag="--device")
+    precision: str = _field("auto", "auto, fp32, bf16 or fp16.", choices=PRECISIONS,
+                            flag="--precision")
+    threads: int = _field(0, "CPU threads for torch (0: the physical cores available).",
+                          range=(0, 1024))
     # 64 streams evaluate 1.4x faster than 32 (bf16, Zen 4) for +0.0014 nats of cold starts.
-    eval_streams: int = 64
-    eval_seq_len: int = 256
-    # Samples printed at each evaluation (0 chars turns them off).
-    sample_chars: int = 200
-    sample_every: int = 0
-    # Stop after this many evaluations without a new best (0: never).
-    patience: int = 0
-    # Keep this many step-numbered checkpoints besides last.pt and best.pt.
-    keep_last: int = 0
-    # "stop" ends training on a NaN/inf loss keeping the last good checkpoint; "skip" drops
-    # the step and goes on.
-    on_nan: str = "stop"
-    # Also write TensorBoard event files into the run directory (the tensorboard extra).
-    tensorboard: bool = False
+    eval_streams: int = _field(64, "Parallel streams over the validation split.",
+                               range=(1, 1 << 16))
+    eval_seq_len: int = _field(256, "Window length of evaluation.", range=(1, _BIG))
+    sample_chars: int = _field(200, "Characters of each sample printed at an evaluation (0: none).",
+                               range=(0, _BIG))
+    sample_every: int = _field(0, "Print a sample every N steps (at evaluations; 0: at every "
+                               "evaluation).", range=(0, None), flag="--sample-every")
+    patience: int = _field(0, "Stop after K evaluations without a new best (0: never).",
+                           range=(0, None), flag="--patience")
+    keep_last: int = _field(0, "Also keep the last K step checkpoints.", range=(0, None),
+                            flag="--keep-last")
+    on_nan: str = _field("stop", "On a NaN/inf loss: stop keeps the last good checkpoint; skip "
+                         "drops the step and goes on.", choices=("stop", "skip"))
+    tensorboard: bool = _field(False, 'Also write TensorBoard logs into the run directory (pip '
+                               'install "charlm[tensorboard]").', flag="--tensorboard")
 
 
 @dataclass
@@ -104,42 +180,28 @@ class Config:
         return cfg
 
 
-# Ranges checked by validate(): (low, high, low_inclusive). None means unbounded.
-_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
-    "model.embed_size": (1, 65536, True),
-    "model.hidden_size": (1, 65536, True),
-    "model.num_layers": (1, 64, True),
-    "model.dropout": (0.0, 1.0, True),
-    "data.val_fraction": (0.0, 0.9, False),
-    "train.batch_size": (1, 1 << 20, True),
-    "train.seq_len": (1, 1 << 20, True),
-    "train.lr": (0.0, 10.0, False),
-    "train.min_lr_ratio": (0.0, 1.0, True),
-    "train.warmup_steps": (0, None, True),
-    "train.weight_decay": (0.0, 10.0, True),
-    "train.grad_clip": (0.0, None, True),
-    "train.max_steps": (0, None, True),
-    "train.max_time": (0.0, None, True),
-    "train.max_epochs": (0.0, None, True),
-    "train.eval_every": (0, None, True),
-    "train.log_every": (0, None, True),
-    "train.seed": (0, 2**63 - 1, True),
-    "train.threads": (0, 1024, True),
-    "train.eval_streams": (1, 1 << 16, True),
-    "train.eval_seq_len": (1, 1 << 20, True),
-    "train.sample_chars": (0, 1 << 20, True),
-    "train.sample_every": (0, None, True),
-    "train.patience": (0, None, True),
-    "train.keep_last": (0, None, True),
-}
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "model.cell": CELLS,
-    "data.errors": ("strict", "replace"),
-    "data.newline": NEWLINES,
-    "train.precision": PRECISIONS,
-    "train.size": ("auto", "fixed"),
-    "train.on_nan": ("stop", "skip"),
-}
+def _collect() -> dict[str, Setting]:
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    found: dict[str, Setting] = {}
+    for part in fields(Config):
+        for f in fields(part.default_factory):
+            kind = types[f.type] if isinstance(f.type, str) else f.type
+            meta = f.metadata.get("charlm")
+            if meta is None:
+                raise TypeError(f"config field {part.name}.{f.name} has no setting(...) metadata")
+            s = Setting(part.name, f.name, kind, f.default, **meta)
+            found[s.key] = s
+    return found
+
+
+# Every config field, by key ("train.seq_len"), in the order of the sections and fields.
+SETTINGS: dict[str, Setting] = _collect()
+# charlm.train(**overrides) names a field without its section, so field names are unique.
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS.values()}
+# The typed options of charlm train, by parameter name ("random_seed" sets train.seed).
+OPTIONS: dict[str, Setting] = {s.option: s for s in SETTINGS.values() if s.option}
+if len(BY_NAME) != len(SETTINGS):
+    raise TypeError("two config sections have a field of the same name")
 
 
 def _sections(cfg: Config) -> dict[str, Any]:
@@ -165,9 +227,8 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     return value
 
 
-def _field_types(section: Any) -> dict[str, type]:
-    types = {"int": int, "float": float, "str": str, "bool": bool}
-    return {f.name: types[f.type] if isinstance(f.type, str) else f.type for f in fields(section)}
+def _field_types(section: str) -> dict[str, type]:
+    return {s.name: s.kind for s in SETTINGS.values() if s.section == section}
 
 
 def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> None:
@@ -180,7 +241,7 @@ def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Non
             )
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{name}] must be a table of keys")
-        types = _field_types(sections[name])
+        types = _field_types(name)
         for key, value in values.items():
             if key not in types:
                 raise ConfigError(
@@ -211,7 +272,7 @@ def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
     field's type; a wrong type is an error naming ``source`` (a command-line option)."""
     name, _, field_name = key.partition(".")
     section = _sections(cfg)[name]
-    kind = _field_types(section)[field_name]
+    kind = _field_types(name)[field_name]
     setattr(section, field_name, _coerce(f"{source} ({key})", value, kind))
 
 
@@ -225,7 +286,7 @@ def apply_sets(cfg: Config, assignments: list[str]) -> None:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         if name not in sections:
             raise ConfigError(f"--set {item}: unknown section {name!r}; valid: {', '.join(sections)}")
-        types = _field_types(sections[name])
+        types = _field_types(name)
         if key not in types:
             raise ConfigError(
                 f"--set {item}: unknown key {name}.{key}; valid keys: " + ", ".join(types)
@@ -237,6 +298,37 @@ def apply_sets(cfg: Config, assignments: list[str]) -> None:
                 f"--set {item}: {name}.{key} must be {types[key].__name__}, got {text!r}"
             ) from None
         setattr(sections[name], key, value)
+
+
+def apply_options(cfg: Config, options: dict[str, Any], sets: list[str] = ()) -> dict[str, str]:
+    """Set the typed options of ``charlm train`` on ``cfg``, keyed by parameter name
+    (``{"seq_len": 64}`` sets ``cfg.train.seq_len``; None: not given), then the ``--set``
+    strings over them. Returns {config key: flag} for the fields an option set, so that a
+    value out of range is reported with the flag the user typed (``validate(cfg, sources)``)."""
+    sources = {}
+    for option, value in options.items():
+        if value is None:
+            continue
+        s = OPTIONS[option]
+        set_value(cfg, s.key, value, s.flag)
+        sources[s.key] = s.flag
+    apply_sets(cfg, list(sets))
+    for item in sets:  # a later --set decides the value
+        sources.pop(item.partition("=")[0].strip(), None)
+    return sources
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any],
+                    source: str = "charlm.train()") -> set[str]:
+    """Set fields by name without their section (``charlm.train(hidden_size=128)``);
+    returns the keys set (``{"model.hidden_size"}``)."""
+    for name, value in overrides.items():
+        if name not in BY_NAME:
+            raise ConfigError(f"{source}: unknown option {name!r}; valid options: "
+                              + ", ".join(BY_NAME))
+        s = BY_NAME[name]
+        apply_dict(cfg, {s.section: {name: value}}, source=source)
+    return {BY_NAME[name].key for name in overrides}
 
 
 # The largest config file read: a real one is a few hundred bytes.
@@ -280,43 +372,48 @@ def _number(x: float) -> str:
 
 
 def _problem(key: str, value: Any) -> str | None:
-    """What is wrong with one field's value, or None."""
+    """What is wrong with one field's value against its setting, or None."""
+    s = SETTINGS[key]
     if isinstance(value, str) and not _plain_text(value):
         return (f"{key} must be plain text (no control characters, line breaks or undecodable "
                 f"bytes); got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         return f"{key} must be a finite number, got {value}"
-    if key in _CHOICES and value not in _CHOICES[key]:
-        return f"{key} must be one of {', '.join(_CHOICES[key])}; got {value!r}"
-    if key == "model.dropout" and value >= 1.0:
-        return f"model.dropout must be in [0, 1); got {value}"
-    if key in _RANGES:
-        low, high, low_inclusive = _RANGES[key]
-        bad_low = low is not None and (value < low if low_inclusive else value <= low)
-        bad_high = high is not None and value > high
-        if bad_low or bad_high:
-            lo = "-inf" if low is None else _number(low)
-            hi = "inf" if high is None else _number(high)
-            bracket = "[" if low_inclusive else "("
-            return f"{key} must be in {bracket}{lo}, {hi}]; got {value!r}"
+    if s.choices is not None and value not in s.choices:
+        return f"{key} must be one of {', '.join(s.choices)}; got {value!r}"
+    if s.range is None:
+        return None
+    low, high = s.range
+    lo = "-inf" if low is None else _number(low)
+    hi = "inf" if high is None else _number(high)
+    bracket = "(" if s.open_low else "["
+    if s.open_high and high is not None and value >= high:
+        return f"{key} must be in {bracket}{lo}, {hi}); got {value}"
+    if (low is not None and (value <= low if s.open_low else value < low)
+            or high is not None and value > high):
+        return f"{key} must be in {bracket}{lo}, {hi}]; got {value!r}"
     return None
 
 
 def validate(cfg: Config, sources: dict[str, str] | None = None) -> Config:
-    """Check every field's range and choices; raise ConfigError naming the first bad one,
-    after the command-line option it came from when ``sources`` maps its key to one."""
-    for name, section in _sections(cfg).items():
-        for f in fields(section):
-            key = f"{name}.{f.name}"
-            problem = _problem(key, getattr(section, f.name))
-            if problem is not None:
-                origin = (sources or {}).get(key)
-                raise ConfigError(f"{origin}: {problem}" if origin else problem)
-    try:  # text encodings only (not rot13, base64, zlib, ...)
-        check_encoding(cfg.data.encoding)
-    except DataError as exc:
-        origin = (sources or {}).get("data.encoding")
-        raise ConfigError(f"{origin + ': ' if origin else ''}data.encoding: {exc}") from None
+    """Check every field's range and choices, then the further checks of the fields that
+    have one (text encodings only: not rot13, base64, zlib, ...); raise ConfigError naming
+    the first bad one, after the command-line option it came from when ``sources`` maps its
+    key to one."""
+    sections = _sections(cfg)
+    for key, s in SETTINGS.items():
+        problem = _problem(key, getattr(sections[s.section], s.name))
+        if problem is not None:
+            origin = (sources or {}).get(key)
+            raise ConfigError(f"{origin}: {problem}" if origin else problem)
+    for key, s in SETTINGS.items():
+        if s.check is None:
+            continue
+        try:
+            s.check(getattr(sections[s.section], s.name))
+        except CharlmError as exc:
+            origin = (sources or {}).get(key)
+            raise ConfigError(f"{origin + ': ' if origin else ''}{key}: {exc}") from None
     return cfg
 
 

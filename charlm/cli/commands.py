@@ -118,13 +118,6 @@ def _options(
 
 
 # ---------------------------------------------------------------------------------- train
-# The config section of each typed option whose section is not ``train``.
-_SECTIONS = {
-    "cell": "model", "hidden_size": "model", "num_layers": "model", "embed_size": "model",
-    "dropout": "model", "encoding": "data", "val_fraction": "data",
-}
-
-
 def _random_seed(random_seed: int | None, seed: int | None) -> int | None:
     """``train --random-seed``, or its old spelling ``--seed`` (with a note: in ``sample``,
     --seed is the text to start from)."""
@@ -139,31 +132,17 @@ def _random_seed(random_seed: int | None, seed: int | None) -> int | None:
 
 def _apply_options(cfg, sets: list[str], **options) -> dict[str, str]:
     """Set the given typed options on ``cfg`` (``--seq-len 64`` sets ``cfg.train.seq_len``),
-    then the ``--set`` strings over them. Returns {config key: option} for the fields an
-    option set, so that a value out of range is reported with the option's name."""
-    from charlm.config import apply_sets, set_value
+    then the ``--set`` strings over them (charlm.config.apply_options)."""
+    from charlm.config import apply_options
 
-    sources = {}
-    for name, value in options.items():
-        if value is None:
-            continue
-        key = f"{_SECTIONS.get(name, 'train')}.{name}"
-        option = "--random-seed" if name == "seed" else "--" + name.replace("_", "-")
-        set_value(cfg, key, value, option)
-        sources[key] = option
-    apply_sets(cfg, sets)
-    for item in sets:  # a later --set decides the value
-        sources.pop(item.partition("=")[0].strip(), None)
-    return sources
+    return apply_options(cfg, options, sets)
 
 
 def _default(key: str) -> str:
     """A config field's default, as ``train --help`` shows it (a --config file overrides)."""
-    from charlm.config import Config
+    from charlm.config import SETTINGS
 
-    section, _, name = key.partition(".")
-    value = getattr(getattr(Config(), section), name)
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return SETTINGS[key].default_text()
 
 
 @app.command()
@@ -263,7 +242,7 @@ def train(
             cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
             dropout=dropout, batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=max_steps,
             max_time=max_time, max_epochs=max_epochs, size=size, eval_every=eval_every,
-            log_every=log_every, seed=_random_seed(random_seed, seed),
+            log_every=log_every, random_seed=_random_seed(random_seed, seed),
             device=device, precision=precision, encoding=encoding, patience=patience,
             keep_last=keep_last, sample_every=sample_every, tensorboard=tensorboard,
         )
@@ -654,11 +633,17 @@ def info(
 @app.command()
 def export(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .pt checkpoint (or a .safetensors export), or a run directory (its best.pt).")],
-    format_: Annotated[str, typer.Option("--format", "-f", help="safetensors or onnx.")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="safetensors, onnx, or html (one web page that generates text in any browser, offline).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (default: CHECKPOINT with the suffix of the format).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    quantize: Annotated[str | None, typer.Option("--quantize", metavar="fp16|int8|none", help="--format html: the weights as fp16 (default), int8 (one scale per row: smaller; the validation-loss change is reported) or none (fp32, exact).")] = None,
 ) -> None:
-    """Export a checkpoint as safetensors or ONNX, verified against PyTorch."""
+    """Export a checkpoint as safetensors or ONNX, verified against PyTorch, or as a web page."""
+    if format_ == "html":
+        _export_html(checkpoint_path, output, force, quantize or "fp16")
+        return
+    if quantize is not None:
+        raise ConfigError("--quantize applies to --format html only")
     from charlm.export.writers import TOLERANCE, export_checkpoint
 
     r = export_checkpoint(_checkpoint(checkpoint_path), format_, output, force)
@@ -669,6 +654,25 @@ def export(
             ("format", f"{r.format} ({r.cell})"),
             ("size", f"{r.size:,} bytes"),
             ("verified", f"batch {batches}: max |diff| from PyTorch {r.max_diff:.1e} (< {TOLERANCE:g})"),
+        ]))
+
+
+def _export_html(checkpoint_path: Path, output: Path | None, force: bool, quantize: str) -> None:
+    from charlm.export.web import export_html
+
+    r = export_html(_checkpoint(checkpoint_path), output, force, quantize)
+    if r.loss_change is not None:
+        loss = (f"{r.loss_page:.4f} nats/char on the validation split, {r.loss_change:+.4f} from "
+                f"the checkpoint's {r.loss:.4f} (measured in PyTorch on the page's weights)")
+    else:
+        loss = r.loss_note
+    with _written(r.path):
+        _print_table(out, _table("charlm export", [
+            ("file", str(r.path)),
+            ("format", f"html ({r.cell}, {r.parameters:,} parameters)"),
+            ("weights", {"fp16": "fp16", "int8": "int8, one scale per row", "none": "fp32"}[r.quantize]),
+            ("size", f"{r.size:,} bytes ({r.size / 1e6:.2f} MB)"),
+            ("validation loss", loss),
         ]))
 
 
@@ -779,7 +783,7 @@ def bench(
 
     cfg = load_toml(config) if config else Config()
     validate(cfg, _apply_options(cfg, list(set_ or []), device=device, precision=precision,
-                                 seed=random_seed))
+                                 random_seed=random_seed))
     r = benchmark.run(cfg, steps=steps, sample_length=sample_length)
     m = cfg.model
     if as_json:

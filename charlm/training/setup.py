@@ -20,14 +20,14 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from charlm.config import Config, apply_dict, load_toml, to_toml, validate
+from charlm.config import Config, apply_overrides, load_toml, to_toml, validate
 from charlm.data.batching import Batcher, as_tensor, load_corpus, split
 from charlm.data.corpus import default_corpus
 from charlm.device import allow_tf32, amp_plan, autocast, cpu_count, resolve_precision, set_threads
@@ -308,14 +308,7 @@ def run(path: str | os.PathLike | None = None, *, config: str | os.PathLike | No
     :class:`TrainResult` (``run_dir``, ``step``, ``best_val_loss``, ``chars_per_sec``, ...)."""
     given: set[str] = set()
     cfg = load_toml(config, given=given) if config is not None else Config()
-    sections = {f.name: section for section in ("model", "data", "train")
-                for f in fields(getattr(cfg, section))}
-    for name, value in overrides.items():
-        if name not in sections:
-            raise ConfigError(f"charlm.train(): unknown option {name!r}; valid options: "
-                              + ", ".join(sections))
-        apply_dict(cfg, {sections[name]: {name: value}}, source="charlm.train()")
-        given.add(f"{sections[name]}.{name}")
+    given |= apply_overrides(cfg, overrides, source="charlm.train()")
     keep = sizing.settle(cfg, given)
     text = Path(path) if path is not None else default_corpus()
     return train(text, cfg, out_dir=out, progress=progress, keep=keep)
