@@ -188,124 +188,68 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the model's size, and exit without training.")] = False,
 ) -> None:
     """Train a model on a text file. Under torchrun, trains one model over all processes."""
-    from charlm.config import Config, load_toml, validate
-    from charlm.data.corpus import default_corpus
-    from charlm.runs.directory import check_resume_out
-    from charlm.storage import checkpoint
+    from charlm.signals import EXIT_INTERRUPTED
     from charlm.training.distributed import from_env
-    from charlm.training.setup import EXIT_INTERRUPTED
-    from charlm.training.setup import train as run_training
-    from charlm.training.sizing import settle as settle_sizing
+    from charlm.training.dry_run import DryRun
+    from charlm.training.request import TrainRequest, execute
 
     # Under torchrun: join the other processes first, so that an error in any process's
     # setup is reported once and stops them all.
     with from_env(dist_timeout) as dist:
-        if resume and init_from:
-            raise ConfigError("--resume and --init-from cannot be used together")
-        if allow_other_data and not resume:
-            raise ConfigError("--allow-other-data only applies with --resume")
-        if drop_unknown and not (resume or init_from):
-            raise ConfigError("--drop-unknown only applies with --resume or --init-from "
-                              "(a new run's vocabulary is built from its text)")
-        if grow_vocab and (not init_from or drop_unknown):
-            raise ConfigError("--grow-vocab only applies with --init-from, and not with --drop-unknown")
-        if no_samples and sample_every:
-            raise ConfigError("--no-samples and --sample-every cannot be used together")
-        resume_ckpt = init_ckpt = None
-        if resume is not None:
-            ckpt_path = resume / "last.pt" if resume.is_dir() else resume
-            resume_ckpt = checkpoint.load(ckpt_path)
-            if "train_state" not in resume_ckpt:
-                raise CharlmError(f"{ckpt_path} has no training state to resume (exported weights?)")
-            cfg = checkpoint.config_of(resume_ckpt)
-            out_dir = out_dir or ckpt_path.parent
-            check_resume_out(ckpt_path, out_dir)
-            if file is None:
-                source = resume_ckpt.get("train_file")
-                recorded = source.get("path") if isinstance(source, dict) else None
-                if not recorded or not Path(recorded).exists():
-                    raise CharlmError(
-                        f"the run's training file {recorded or '(not recorded)'} is not there; "
-                        f"name it: charlm train FILE --resume {shlex.quote(str(resume))}"
-                    )
-                file = Path(recorded)
-        else:
-            cfg = Config()
-            if init_from is not None:
-                init_ckpt = checkpoint.load(_checkpoint(init_from))
-                cfg.model = checkpoint.config_of(init_ckpt).model
-        given: set[str] = set()
-        if config is not None:
-            cfg = load_toml(config, cfg, given)
-        sources = _apply_options(
-            cfg, list(set_ or []),
-            cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
-            dropout=dropout, batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=max_steps,
-            max_time=max_time, max_epochs=max_epochs, size=size, eval_every=eval_every,
-            log_every=log_every, random_seed=_random_seed(random_seed, seed),
-            device=device, precision=precision, encoding=encoding, patience=patience,
-            keep_last=keep_last, sample_every=sample_every, tensorboard=tensorboard,
-        )
-        if no_samples:
-            cfg.train.sample_chars = 0
-        validate(cfg, sources)
-        keep = frozenset()
-        if resume_ckpt is None:
-            given |= set(sources) | {item.partition("=")[0].strip() for item in set_ or []}
-            if init_ckpt is not None:
-                given.add("model.cell")  # the checkpoint's shape
-            keep = settle_sizing(cfg, given)
-        if file is None:
-            file = default_corpus()
-            if dist.rank == 0:
-                err.print(f"training on tiny Shakespeare: {_literal(file)}")
-        if stop_at_step < 0:
-            raise ConfigError(f"--stop-at-step must be >= 0; got {stop_at_step}")
-        if grow_vocab:
-            from charlm.data.batching import scan_code_points
+        options = {
+            "cell": cell, "hidden_size": hidden_size, "num_layers": num_layers,
+            "embed_size": embed_size, "dropout": dropout, "batch_size": batch_size,
+            "seq_len": seq_len, "lr": lr, "max_steps": max_steps, "max_time": max_time,
+            "max_epochs": max_epochs, "size": size, "eval_every": eval_every,
+            "log_every": log_every, "random_seed": _random_seed(random_seed, seed),
+            "device": device, "precision": precision, "encoding": encoding,
+            "patience": patience, "keep_last": keep_last, "sample_every": sample_every,
+            "tensorboard": tensorboard,
+        }
+        result = execute(TrainRequest(
+            file=file, config=config, options=options, sets=list(set_ or []), out_dir=out_dir,
+            resume=resume, init_from=init_from, allow_other_data=allow_other_data,
+            drop_unknown=drop_unknown, grow_vocab=grow_vocab, no_samples=no_samples,
+            stop_at_step=stop_at_step, dry_run=dry_run, progress=progress,
+        ), dist, _note)
+    if isinstance(result, DryRun) or result is None:  # a dry run (printed by rank 0)
+        _print_dry_run(result)
+    elif dist.rank == 0:  # rank 0 speaks for every process
+        _print_summary(result)
+        _print_loss_curve(result.run_dir)
+        _resume_hint(result, dist.world)
+    if result is not None and getattr(result, "stopped", "") == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
 
-            present = scan_code_points(file, cfg.data.encoding, cfg.data.errors,
-                                       newline=cfg.data.newline)
-            init_ckpt, added = checkpoint.grow_vocab(init_ckpt, present)
-            if dist.rank == 0:
-                err.print(f"vocabulary grown by {len(added)} characters: {_chars(added)}" if added
-                          else "vocabulary not grown: the text has no new characters")
-        if dry_run:
-            from charlm.training.dry_run import dry_run as plan
 
-            if dist.rank == 0:
-                r = plan(file, cfg, resume_ckpt or init_ckpt)
-                out.print(r.config_toml.rstrip())
-                if r.sized:
-                    err.print(f"model: chosen for the {cfg.train.max_time:g} s budget when training "
-                              "starts (automatic sizing times a few shapes on this device; "
-                              "--size fixed trains the shape above); vocabulary "
-                              f"{r.vocab_size:,} characters; dry run: nothing trained")
-                else:
-                    err.print(f"model: {r.num_parameters:,} parameters, vocabulary "
-                              f"{r.vocab_size:,} characters; dry run: nothing trained")
-            return
+def _note(note) -> None:
+    """A line the library says before training (charlm.training.request.Note)."""
+    err.print(Text(note.text, style="dim" if note.minor else ""))
 
-        result = run_training(
-            file, cfg, out_dir=out_dir, resume=resume_ckpt, init_from=init_ckpt,
-            allow_other_data=allow_other_data, drop_unknown=drop_unknown,
-            stop_at_step=stop_at_step, progress=progress, dist=dist, keep=keep,
-        )
-    if dist.rank != 0:  # rank 0 speaks for every process
-        if result.stopped == "interrupted":
-            raise typer.Exit(EXIT_INTERRUPTED)
+
+def _print_dry_run(r) -> None:
+    if r is None:  # not rank 0
         return
-    _print_summary(result)
-    _print_loss_curve(result.run_dir)
+    out.print(r.config_toml.rstrip())
+    if r.sized:
+        err.print(f"model: chosen for the {r.config.train.max_time:g} s budget when training "
+                  "starts (automatic sizing times a few shapes on this device; "
+                  "--size fixed trains the shape above); vocabulary "
+                  f"{r.vocab_size:,} characters; dry run: nothing trained")
+    else:
+        err.print(f"model: {r.num_parameters:,} parameters, vocabulary "
+                  f"{r.vocab_size:,} characters; dry run: nothing trained")
+
+
+def _resume_hint(result, world: int) -> None:
+    """How to go on with a run that was interrupted or paused."""
     if result.stopped in ("interrupted", "stop_at_step"):
-        launcher = "charlm" if dist.world == 1 else "torchrun --nproc_per_node=N -m charlm"
+        launcher = "charlm" if world == 1 else "torchrun --nproc_per_node=N -m charlm"
         what = "interrupted" if result.stopped == "interrupted" else "paused (--stop-at-step)"
         err.print(
             f"{what} at step {result.step}; saved {_literal(result.run_dir / 'last.pt')}. "
             f"Resume with: {launcher} train --resume {_literal(shlex.quote(str(result.run_dir)))}"
         )
-    if result.stopped == "interrupted":
-        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _print_summary(r) -> None:

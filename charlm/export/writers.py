@@ -246,7 +246,7 @@ def export_checkpoint(
 
     An existing ``output`` is replaced only with ``force``, and then atomically."""
     if fmt not in SUFFIXES:
-        raise ConfigError(f"--format must be one of {', '.join(SUFFIXES)}; got {fmt!r}")
+        raise ConfigError(f"--format must be one of {', '.join(SUFFIXES)}, html; got {fmt!r}")
     src = Path(checkpoint_path)
     out = Path(output) if output is not None else default_output(src, fmt)
     if out.suffix.lower() != SUFFIXES[fmt]:

@@ -85,7 +85,7 @@ def page(backend_js: str, *, title: str, connect_src: str = "'none'",
         "form-action 'none'",
     ])
     fields = {
-        "{{CSP}}": html.escape(csp),
+        "{{CSP}}": html.escape(csp, quote=False).replace("\"", "&quot;"),
         "{{TITLE}}": html.escape(title),
         "{{STYLE}}": style,
         "{{DATA}}": "\n".join(blocks),
