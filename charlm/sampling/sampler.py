@@ -7,63 +7,72 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from charlm.data.vocab import Vocab
 from charlm.model.network import CharRNN, State
+from charlm.sampling.draws import fresh_seed, stream_keys, uniforms
 from charlm.model.stepper import make_step, own, warm  # noqa: F401 - warm re-exported
 from charlm.sampling.options import StopScan, check_options, seed_ids, start_ids  # noqa: F401 - re-exported
 from charlm.signals import stop_requested
 
-# Below this temperature the logits are scaled in float64 with the largest moved to 0 first.
-SMALL_TEMPERATURE = 0.01
-
-
-def scaled(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """``logits / temperature``. A tiny temperature is scaled in float64 with the largest
-    logit moved to 0 first, so every other logit goes to -inf (greedy decoding) instead of
-    overflowing to inf - inf = NaN; otherwise float32 is exact enough, and a step on a GPU
-    launches three kernels fewer."""
-    small = temperature < SMALL_TEMPERATURE
-    if bool(small.any()) if isinstance(small, torch.Tensor) else small:
-        z = logits.double()
-        return (z - z.max(dim=-1, keepdim=True).values) / temperature
-    z = logits.float()
-    return z if isinstance(temperature, float | int) and temperature == 1 else z / temperature
+def _rows(value: float | torch.Tensor, B: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A number, or one per row, as a (B, 1) tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(B, 1)
+    return torch.full((B, 1), value, dtype=dtype, device=device)
 
 
 def pick(
-    logits: torch.Tensor, temperature: float | torch.Tensor, top_k: int, top_p: float,
-    generator: torch.Generator,
+    logits: torch.Tensor, temperature: float | torch.Tensor, top_k: int | torch.Tensor,
+    top_p: float | torch.Tensor, u: torch.Tensor | np.ndarray | torch.Generator,
 ) -> torch.Tensor:
-    """Inputs: logits (B, V); temperature a number or one per row (B,). Returns the next ids
-    (B,): greedy where the temperature is 0, else sampled from the softmax at that temperature,
-    limited to the ``top_k`` most likely characters and to the smallest set whose probability
-    reaches ``top_p``."""
-    if not isinstance(temperature, torch.Tensor):
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        logits = scaled(logits, temperature)
-    else:
-        greedy = temperature == 0  # (B,)
-        if greedy.all():
-            return logits.argmax(dim=-1)
-        argmax = logits.argmax(dim=-1)
-        logits = scaled(logits, temperature.masked_fill(greedy, 1.0).unsqueeze(-1))
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a character when the ones before it already reach top_p (keeps at least one).
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        drop_sorted[:, 0] = False  # the most likely always stays, however small top_p is
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    picked = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return picked if not isinstance(temperature, torch.Tensor) else torch.where(greedy, argmax, picked)
+    """Inputs: logits (B, V); temperature, top_k and top_p a number each or one per row (B,);
+    ``u`` one uniform number in [0, 1) per row (B,) (:mod:`charlm.sampling.draws`), or a
+    torch.Generator to draw them from. Returns the
+    next ids (B,): greedy where the temperature is 0, else drawn by inverse CDF with ``u`` from
+    the softmax at that temperature, limited to the ``top_k`` most likely characters (0: all)
+    and to the smallest set whose probability reaches ``top_p`` (1: all).
+
+    Every row is computed on its own (float64, the largest logit moved to 0 first, so a tiny
+    temperature is greedy decoding rather than NaN; a stable sort), so a row's character never
+    depends on the other rows of the batch."""
+    B, V = logits.shape
+    device = logits.device
+    argmax = logits.argmax(dim=-1)
+    temp = _rows(temperature, B, torch.float64, device)
+    greedy = (temp == 0).squeeze(-1)  # (B,)
+    if bool(greedy.all()):
+        return argmax
+    z = logits.double()
+    z = (z - z.max(dim=-1, keepdim=True).values) / temp.masked_fill(temp == 0, 1.0)
+    k_on = bool((top_k > 0).any()) if isinstance(top_k, torch.Tensor) else 0 < top_k < V
+    p_on = bool((top_p < 1).any()) if isinstance(top_p, torch.Tensor) else top_p < 1.0
+    if k_on or p_on:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True, stable=True)
+        if k_on:
+            k = _rows(top_k, B, torch.long, device)
+            k = k.masked_fill((k <= 0) | (k > V), V)  # 0 (off) or more than V: all
+            kth = sorted_z.gather(-1, k - 1)  # (B, 1)
+            z = z.masked_fill(z < kth, float("-inf"))
+            sorted_z = sorted_z.masked_fill(sorted_z < kth, float("-inf"))
+        if p_on:
+            p = _rows(top_p, B, torch.float64, device)
+            probs_sorted = sorted_z.softmax(dim=-1)
+            # Drop a character when the ones before it already reach top_p (keeps at least one).
+            drop_sorted = ((probs_sorted.cumsum(dim=-1) - probs_sorted) >= p) & (p < 1)
+            drop_sorted[:, 0] = False  # the most likely always stays, however small top_p is
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            z = z.masked_fill(drop, float("-inf"))
+    cdf = z.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    if isinstance(u, torch.Generator):
+        u = torch.rand(B, dtype=torch.float64, generator=u, device=u.device)
+    u = torch.as_tensor(u, dtype=torch.float64).to(device).reshape(B, 1)
+    # Inverse CDF: the first id whose cumulative probability exceeds u (``right``: ids of
+    # probability 0 are never picked, even for u = 0).
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=V - 1)
+    return torch.where(greedy, argmax, picked)
 
 
 def repeat_state(state: State, n: int) -> State:
@@ -94,11 +103,12 @@ def sample_from(
 ) -> Run:
     """Generate from warm ``logits`` (1, V) and ``state`` (batch 1): ``num_samples`` rows for
     each temperature, in that order, all as one batch. A row ends after its first stop text;
-    the batch runs until every row has ended (or ``length``)."""
+    the batch runs until every row has ended (or ``length``). Row i draws its characters
+    from its own random stream (:mod:`charlm.sampling.draws`: the seed and i), so its text does
+    not depend on the batch it ran in."""
     device = model.head.weight.device
-    g = torch.Generator(device=device)
-    g.manual_seed(random_seed if random_seed is not None else torch.seed())
     B = num_samples * len(temperatures)
+    keys = stream_keys(fresh_seed() if random_seed is None else random_seed, B)
     logits, state = logits.expand(B, -1), repeat_state(state, B)  # (B, V)
     temp: float | torch.Tensor = temperatures[0]
     if len(temperatures) > 1:
@@ -108,7 +118,7 @@ def sample_from(
     out = torch.empty(B, length, dtype=torch.long, device=device)
     steps = 0
     for t in range(length):
-        nxt = pick(logits, temp, top_k, top_p, g)  # (B,)
+        nxt = pick(logits, temp, top_k, top_p, uniforms(keys, t))  # (B,)
         out[:, t] = nxt
         steps = t + 1
         if on_step is not None:
