@@ -321,7 +321,16 @@ def test_size_bound_is_a_one_line_error(tmp_path, monkeypatch):
     assert web_export.MAX_PARAMETERS < 25_000_000 and web_export.MAX_PAGE_BYTES <= 100_000_000
 
 
-def test_quantize_sizes_and_loss_change_reported(tiny_run, tmp_path):
+def test_quantize_sizes_and_loss_change_reported(tmp_path):
+    from charlm.data.text import resolve_source
+
+    text = tmp_path / "input.txt"
+    text.write_text(TEXT * 40, encoding="utf-8")
+    tiny_run = tmp_path / "run"
+    ckpt = make_checkpoint(tiny_run / "best.pt", "gru", 1, text=TEXT, scale=1.0)
+    raw = torch.load(ckpt, weights_only=True)
+    raw["train_file"] = {**resolve_source(text).describe(), "path": str(text)}
+    checkpoint.save(ckpt, raw)
     sizes = {}
     for q in ("none", "fp16", "int8"):
         out = tmp_path / f"{q}.html"
@@ -332,6 +341,9 @@ def test_quantize_sizes_and_loss_change_reported(tiny_run, tmp_path):
         if q == "int8":  # measured on the training text's validation split
             assert re.search(r"[+-]\d\.\d{4} from the checkpoint's \d\.\d{4}", proc.stdout), proc.stdout
     assert sizes["int8"] < sizes["fp16"] < sizes["none"]
+    text.write_text(TEXT * 41, encoding="utf-8")  # not the text it was trained on any more
+    proc = run_cli("export", tiny_run, "--format", "html", "--quantize", "int8", "-o", out, "--force")
+    assert proc.returncode == 0 and "not measured: the training text has changed" in proc.stdout
     assert_clean_error(run_cli("export", tiny_run, "--format", "html", "--quantize", "int4",
                                "-o", tmp_path / "x.html"), "--quantize")
     assert_clean_error(run_cli("export", tiny_run, "--format", "onnx", "--quantize", "int8"),
