@@ -747,6 +747,54 @@ def bench(
     ]))
 
 
+# ---------------------------------------------------------------------------------- inspect
+@app.command("inspect")
+def inspect_(
+    target: Annotated[Path | None, typer.Argument(metavar="[RUN_OR_CHECKPOINT]", help="A run directory (its best.pt), a checkpoint or a .safetensors export (default: the newest run under runs/).")] = None,
+    text: Annotated[Path | None, typer.Argument(metavar="[TEXT]", help="Text file to inspect on (default: the run's validation split).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The page to write (one self-contained HTML file).")] = Path("inspect.html"),
+    chars: Annotated[int, typer.Option(help="Inspect the first N characters of the text (at most 200,000).")] = 5000,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file that is not an inspect page.")] = False,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """See what a model learned: surprise over a text, units that track its features, gate
+    saturation and how far back it remembers, as one HTML page."""
+    from charlm.inspect.analysis import check_chars, inspect_to_page
+
+    check_chars(chars)
+    if target is None:
+        from charlm.runs.directory import latest_checkpoint
+
+        target = latest_checkpoint()
+        err.print(f"using {_literal(target)}", style="dim")
+    else:
+        target = _checkpoint(target)
+    r = inspect_to_page(target, text, output, chars, force)
+    d = r.document
+    if d["cut"]:
+        err.print(f"note: inspected the first {chars:,} characters of the text; --chars N "
+                  "inspects more (up to 200,000)")
+    if d["unknown"]:
+        err.print(f"warning: dropped {d['unknown']:,} characters outside the model's vocabulary")
+    if as_json:
+        _print_json(d)
+        return
+    mem = {p["k"]: p["loss"] for p in d["memory"]}
+    best = ", ".join(f"{u['feature']} L{u['layer']} {u['kind']}[{u['index']}] r={u['correlation']:+.2f}"
+                     for u in d["units"][:3])
+    with _written(output):
+        _print_table(out, _table("charlm inspect", [
+            ("checkpoint", str(target)),
+            ("text", f"{d['text']} ({d['chars']:,} characters)"),
+            ("bits per char", f"{d['bits_per_char']:.4f} (charlm eval: {d['eval_bits_per_char']:.4f})"),
+            ("by class", ", ".join(f"{k} {v['bits_per_char']:.2f}" for k, v in d["by_class"].items())),
+            ("best units", best or "-"),
+            ("memory", f"loss {mem[1]:.3f} nats with 1 character of context, {mem[64]:.3f} with "
+                       f"64, {mem[None]:.3f} with all"),
+            ("page", f"{output} ({d['page_bytes']:,} bytes, {d['seconds']:.1f} s)"),
+        ]))
+
+
 # ---------------------------------------------------------------------------------- entry
 def _flags_as_flags(command) -> None:
     """Help shows a boolean option as a bare flag (``--dry-run``), not ``--dry-run <bool>``:
