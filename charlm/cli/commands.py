@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from charlm.cli.options import config_options
 from charlm.errors import CharlmError, ConfigError, internal_error, path_error, printable
-from charlm.model.cells import CHOICES_TEXT as CELL_CHOICES
 
 app = typer.Typer(
     help="Character-level RNN/LSTM/GRU language models: train, sample, evaluate, export.",
@@ -146,33 +146,16 @@ def _default(key: str) -> str:
 
 
 @app.command()
+@config_options
 def train(
     file: Annotated[Path | None, typer.Argument(
         help="UTF-8 text file, or a directory of *.txt files. Default: tiny Shakespeare "
         "(shipped with charlm), or the file a resumed run was trained on.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config, e.g. configs/cpu.toml; options given here override it.")] = None,
-    cell: Annotated[str | None, typer.Option(help=f"{CELL_CHOICES}: the recurrent cell.", show_default=_default("model.cell"))] = None,
-    hidden_size: Annotated[int | None, typer.Option(help="Units in each recurrent layer.", show_default=_default("model.hidden_size"))] = None,
-    num_layers: Annotated[int | None, typer.Option(help="Stacked recurrent layers.", show_default=_default("model.num_layers"))] = None,
-    embed_size: Annotated[int | None, typer.Option(help="Size of each character's embedding vector.", show_default=_default("model.embed_size"))] = None,
-    dropout: Annotated[float | None, typer.Option(help="Dropout probability on the embeddings, between layers and before the output layer, in [0, 1).", show_default=_default("model.dropout"))] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Streams per process.", show_default=_default("train.batch_size"))] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Window length (BPTT steps).", show_default=_default("train.seq_len"))] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.", show_default=_default("train.lr"))] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (0: no limit).", show_default=_default("train.max_steps"))] = None,
-    max_time: Annotated[float | None, typer.Option(help="Stop so that the whole run, final evaluation included, takes this many seconds (0: no limit).", show_default=_default("train.max_time"))] = None,
-    max_epochs: Annotated[float | None, typer.Option(help="Stop after this many epochs (0: no limit).", show_default=_default("train.max_epochs"))] = None,
-    size: Annotated[str | None, typer.Option(help="auto: with a time budget and no shape option, choose the model, batch, window, lr and dropout for the budget on this device; fixed: train the configured shape.", show_default=_default("train.size"))] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: about 12 times over the run's limit).", show_default=_default("train.eval_every"))] = None,
-    log_every: Annotated[int | None, typer.Option(help="Log the training loss every N steps (0: about 50 times over the run's limit).", show_default=_default("train.log_every"))] = None,
-    random_seed: Annotated[int | None, typer.Option(help="Random seed (initial weights, data order, dropout, samples).", show_default=_default("train.seed"))] = None,
+    # The typed options of every config field with a flag (--cell, --seq-len, ...), made from
+    # charlm.config.SETTINGS by @config_options and passed here as one dict.
+    options: dict | None = None,
     seed: Annotated[int | None, typer.Option(hidden=True, help="Deprecated spelling of --random-seed.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", show_default=_default("train.device"))] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.", show_default=_default("train.precision"))] = None,
-    encoding: Annotated[str | None, typer.Option(help="Text encoding of FILE.", show_default=_default("data.encoding"))] = None,
-    patience: Annotated[int | None, typer.Option(help="Stop after K evaluations without a new best (0: never).", show_default=_default("train.patience"))] = None,
-    keep_last: Annotated[int | None, typer.Option(help="Also keep the last K step checkpoints.", show_default=_default("train.keep_last"))] = None,
-    sample_every: Annotated[int | None, typer.Option(help="Print a sample every N steps (at evaluations; 0: at every evaluation).", show_default=_default("train.sample_every"))] = None,
     no_samples: Annotated[bool, typer.Option("--no-samples", help="Print no samples during training.")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<stem>-<cell>).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any field: section.key=value (repeatable).")] = None,
@@ -183,7 +166,6 @@ def train(
     grow_vocab: Annotated[bool, typer.Option("--grow-vocab", help="Add the text's new characters to an --init-from vocabulary.")] = False,
     stop_at_step: Annotated[int, typer.Option(help="Pause at this step (resumable; the schedule is unchanged).")] = 0,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="A progress bar, or one plain line per log step and evaluation. Default: the bar when stderr is a terminal.")] = None,
-    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help='Also write TensorBoard logs into the run directory (pip install "charlm\\[tensorboard]").')] = None,
     dist_timeout: Annotated[float | None, typer.Option(help="Under torchrun: seconds to wait for a stalled process before all stop.", show_default="300")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the model's size, and exit without training.")] = False,
 ) -> None:
@@ -196,16 +178,7 @@ def train(
     # Under torchrun: join the other processes first, so that an error in any process's
     # setup is reported once and stops them all.
     with from_env(dist_timeout) as dist:
-        options = {
-            "cell": cell, "hidden_size": hidden_size, "num_layers": num_layers,
-            "embed_size": embed_size, "dropout": dropout, "batch_size": batch_size,
-            "seq_len": seq_len, "lr": lr, "max_steps": max_steps, "max_time": max_time,
-            "max_epochs": max_epochs, "size": size, "eval_every": eval_every,
-            "log_every": log_every, "random_seed": _random_seed(random_seed, seed),
-            "device": device, "precision": precision, "encoding": encoding,
-            "patience": patience, "keep_last": keep_last, "sample_every": sample_every,
-            "tensorboard": tensorboard,
-        }
+        options = {**options, "random_seed": _random_seed(options["random_seed"], seed)}
         result = execute(TrainRequest(
             file=file, config=config, options=options, sets=list(set_ or []), out_dir=out_dir,
             resume=resume, init_from=init_from, allow_other_data=allow_other_data,
@@ -222,9 +195,9 @@ def train(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _note(note) -> None:
-    """A line the library says before training (charlm.training.request.Note)."""
-    err.print(Text(note.text, style="dim" if note.minor else ""))
+def _note(text: str, minor: bool = False) -> None:
+    """A line the library says on the way (``minor``: an aside, dim)."""
+    err.print(Text(text, style="dim" if minor else ""))
 
 
 def _print_dry_run(r) -> None:
@@ -334,68 +307,39 @@ def sample(
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Generate text from a seed string."""
-    from charlm.api import load
-    from charlm.sampling.options import (
-        StopScan,
-        check_beam,
-        check_interactive,
-        check_options,
-        check_stops,
-        parse_temperatures,
-        read_seed_file,
-        sample_labels,
-        seed_ids,
-        unescape,
-    )
+    from charlm.sampling.request import SampleRequest, prepare
 
-    temps = parse_temperatures(temperature)
-    onnx = checkpoint_path is not None and checkpoint_path.suffix.lower() == ".onnx"
-    check_options(length, temps, top_k, top_p, num_samples, random_seed)
-    check_beam(beam, temps, top_k, top_p, num_samples, random_seed, temperature is not None, onnx)
-    check_interactive(interactive, keep_state, seed, seed_file, beam, num_samples, temps, onnx)
-    if interactive and sys.stdin is None:  # started with <&-
-        raise CharlmError("standard input is closed; --interactive reads the lines to continue "
-                          "from it (or give the text with --seed)")
-    stops = [unescape(text) for text in stop or []]
-    if seed_file is not None:
-        if seed:
-            raise ConfigError("--seed and --seed-file cannot be used together")
-        seed = read_seed_file(seed_file)
-    if checkpoint_path is None:
-        from charlm.runs.directory import latest_checkpoint
-
-        checkpoint_path = latest_checkpoint()
-        err.print(f"using {_literal(checkpoint_path)}", style="dim")
-    else:
-        checkpoint_path = _checkpoint(checkpoint_path)
-    lm = load(checkpoint_path, device)  # what the Python API's charlm.load() gives
-    model, vocab = lm.network, lm.vocab
-    if seed_file is not None and lm.config.data.newline == "normalize":
-        # Line endings as the model's training text was read: CRLF and CR become "\n".
-        seed = seed.replace("\r\n", "\n").replace("\r", "\n")
-    check_stops(vocab, stops)
-    if interactive:
-        from charlm.sampling.interactive import Session
-
-        _interactive(Session(model, vocab, length, temps[0], top_k, top_p, random_seed, stops,
-                             keep_state, drop_unknown))
+    p = prepare(SampleRequest(
+        checkpoint=checkpoint_path, seed=seed, seed_file=seed_file, length=length,
+        temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+        random_seed=random_seed, stop=list(stop or []), beam=beam, drop_unknown=drop_unknown,
+        no_echo=no_echo, interactive=interactive, keep_state=keep_state, device=device,
+    ), _note)
+    if p.session is not None:
+        _interactive(p.session)
         return
-    ids = seed_ids(vocab, seed, drop_unknown)
-    if drop_unknown and len(ids) != len(seed):
-        dropped = len(seed) - len(ids)
-        err.print(f"dropped {dropped} seed character{'s' * (dropped != 1)} outside the vocabulary")
-        seed = vocab.decode(ids)  # what the model continues from
-    seed_text = vocab.decode(ids)
-    if seed_file is not None or no_echo:
-        seed = ""  # a file can be long: print only what the model adds
-    if num_samples > 1 and 0.0 in temps:
-        err.print(f"note: temperature 0 is greedy: its {num_samples} samples are identical")
-    labels = sample_labels(temps, num_samples)
-    headed = len(labels) > 1
-    # The first sample is printed as it is generated (the others come with it, as one batch,
-    # and are printed after it), so `charlm sample | head` returns at once.
+    try:
+        _print_beam(p) if beam else _print_samples(p)
+    except BrokenPipeError:
+        _reader_gone()
+
+
+def _print_beam(p) -> None:
+    r = p.beam_search()
+    sys.stdout.write(_line(p.echo + r.text))
+    sys.stdout.flush()
+    err.print(f"beam {p.request.beam}: log-probability {r.logprob:.4f} nats over {len(r.ids)} "
+              f"characters ({r.score:.4f} per character)")
+
+
+def _print_samples(p) -> None:
+    """The first sample is printed as it is generated (the others come with it, as one
+    batch, and are printed after it), so ``charlm sample | head`` returns at once."""
+    from charlm.sampling.options import StopScan
+
+    vocab, seed, headed = p.model.vocab, p.echo, len(p.labels) > 1
     streamed: list[str] = []
-    scan = StopScan(stops, 1) if stops else None
+    scan = StopScan(p.stops, 1) if p.stops else None
 
     def on_step(new_ids: list[int]) -> None:
         if scan is not None and scan.ends[0] is not None:
@@ -406,27 +350,14 @@ def sample(
         sys.stdout.write(streamed[-1])
         sys.stdout.flush()
 
-    try:
-        if beam:
-            from charlm.sampling.beam import beam_search
-
-            r = beam_search(model, vocab, ids, length, beam, stop=stops)
-            sys.stdout.write(_line(seed + r.text))
-            sys.stdout.flush()
-            err.print(f"beam {beam}: log-probability {r.logprob:.4f} nats over {len(r.ids)} "
-                      f"characters ({r.score:.4f} per character)")
-            return
-        sys.stdout.write((f"--- {labels[0]} ---\n" if headed else "") + seed)
-        sys.stdout.flush()
-        texts = lm.generate(seed_text, length, temps, top_k, top_p, num_samples, random_seed,
-                            include_seed=False, on_step=on_step, stop=stops)
-        first = "".join(streamed)
-        sys.stdout.write(_line(seed + texts[0])[len(seed) + len(first):])
-        for label, text in zip(labels[1:], texts[1:], strict=True):
-            sys.stdout.write(f"\n--- {label} ---\n{_line(seed + text)}")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _reader_gone()
+    sys.stdout.write((f"--- {p.labels[0]} ---\n" if headed else "") + seed)
+    sys.stdout.flush()
+    texts = p.samples(on_step)
+    first = "".join(streamed)
+    sys.stdout.write(_line(seed + texts[0])[len(seed) + len(first):])
+    for label, text in zip(p.labels[1:], texts[1:], strict=True):
+        sys.stdout.write(f"\n--- {label} ---\n{_line(seed + text)}")
+    sys.stdout.flush()
 
 
 def _interactive(session) -> None:
@@ -793,6 +724,54 @@ def inspect_(
                        f"64, {mem[None]:.3f} with all"),
             ("page", f"{output} ({d['page_bytes']:,} bytes, {d['seconds']:.1f} s)"),
         ]))
+
+
+# ---------------------------------------------------------------------------------- serve
+@app.command()
+def serve(
+    targets: Annotated[list[Path] | None, typer.Argument(metavar="[RUN_OR_CHECKPOINT]...", help="Run directories (their best.pt), checkpoints or .safetensors exports, each served under its run's (or file's) name (default: the newest run under runs/).")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", metavar="NAME=PATH", help="Serve a model under a name of your choice (repeatable).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on the API (default: $CHARLM_API_KEY; none).", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")] = "auto",
+    max_tokens: Annotated[int, typer.Option(help="Most characters one text may ask for.")] = 4096,
+    max_prompt_chars: Annotated[int, typer.Option(help="Longest prompt, in characters.")] = 8192,
+    max_n: Annotated[int, typer.Option(help="Most texts per request (prompts x n).")] = 16,
+    max_streams: Annotated[int, typer.Option(help="Texts generated together per model (one batched step).")] = 256,
+    max_queue: Annotated[int, typer.Option(help="Texts that may wait for a place (then 429).")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (then 413).")] = 1 << 20,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take (then 503).")] = 300.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log line per request.")] = False,
+) -> None:
+    """Serve models over HTTP: OpenAI's completions API and a page to try them at /."""
+    from charlm.serving import serve as run_server
+
+    def started(s) -> None:
+        lim = s.limits
+        err.print(f"charlm serve: {s.url}/  (API: {s.url}/v1, Ctrl-C stops)")
+        for name, path in s.models.items():
+            err.print(f"  model {_literal(name)}: {_literal(path)}")
+        err.print(f"  limits: prompt {lim.max_prompt_chars:,} chars, max_tokens {lim.max_tokens:,}, "
+                  f"n {lim.max_n}, {lim.max_streams} streams per step + {lim.max_queue} waiting, "
+                  f"body {lim.max_body_bytes:,} bytes, {lim.timeout:g} s per request")
+        if s.api_key:
+            err.print("  API key required (Authorization: Bearer KEY)")
+        if s.all_interfaces:
+            err.print(f"warning: listening on every interface ({_literal(host)}): other machines "
+                      "can reach this server" + ("" if s.api_key else "; consider --api-key"))
+
+    def log(line: str) -> None:
+        try:
+            err.print(line)
+        except (OSError, ValueError):  # stderr gone: the server goes on
+            pass
+
+    from charlm.serving.app import Limits
+
+    limits = Limits(max_body_bytes, max_prompt_chars, max_tokens, max_n, max_streams, max_queue, timeout)
+    run_server(targets or [], model or [], host=host, port=port, device=device, api_key=api_key,
+               limits=limits, on_start=started, log=None if quiet else log)
 
 
 # ---------------------------------------------------------------------------------- entry
