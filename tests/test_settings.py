@@ -247,3 +247,19 @@ def test_help_shows_the_flag_and_its_default(s, train_help):
         else s.default_text()
     assert re.search(rf"\[default: \(?{re.escape(shown)}\)?\]", row), row
     assert " ".join(s.help.split()[:4]) in row
+
+
+def test_charlm_train_takes_every_field_by_name(text_file):
+    """The public charlm.train(**overrides) (its dry run): every field at once, by name."""
+    import charlm
+
+    values = {s.name: other_value(s) for s in ALL if s.name != "size"}
+    r = charlm.train(text_file, dry_run=True, size="fixed", **values)
+    expected = Config()
+    for s in ALL:
+        if s.name in values:
+            put(expected, s, values[s.name])
+    expected.train.size = "fixed"
+    assert r.config == expected
+    with pytest.raises(ConfigError, match=r"^charlm.train\(\): unknown option 'seq_length'"):
+        charlm.train(text_file, dry_run=True, seq_length=32)
