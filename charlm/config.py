@@ -7,8 +7,8 @@ wrong type or a value out of range is a :class:`ConfigError` naming the valid ch
 Each field is declared once, in its ``field(metadata=setting(...))``: default, help text,
 range or choices and, for the typed options of ``charlm train``, its flag. Validation and its
 messages, TOML, ``--set``, ``charlm.train(**overrides)`` (:func:`apply_overrides`) and the
-command's options and ``--help`` (charlm.cli.settings) are all read from :data:`SETTINGS`.
-Adding a setting is one field here (and its row in tests/test_settings.py, which walks them).
+command's options and ``--help`` (charlm.cli.options) are all read from :data:`SETTINGS`.
+Adding a setting is one field here; tests/test_settings.py walks every field.
 
 Over 300 lines: one concept, the fields with their defaults and ranges, and their reading
 from files and options, which read best side by side.
