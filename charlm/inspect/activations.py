@@ -99,10 +99,14 @@ def _step_layer(cell: str, x: torch.Tensor, w: tuple[torch.Tensor, ...],
     return hs, None, {}, h, c
 
 
-@torch.inference_mode()
 def run_chunks(model: CharRNN, ids: list[int] | torch.Tensor, chunk: int = CHUNK) -> Iterator[Chunk]:
     """Step ``model`` (on the CPU, fp32, from a zero state) over ``ids``, yielding a
     :class:`Chunk` per ``chunk`` characters with the state carried across chunks."""
+    with torch.inference_mode():
+        yield from _run_chunks(model, ids, chunk)
+
+
+def _run_chunks(model: CharRNN, ids: list[int] | torch.Tensor, chunk: int) -> Iterator[Chunk]:
     cfg = model.cfg
     cell, L, H = cfg.cell, cfg.num_layers, cfg.hidden_size
     weights = [_weights(model, k) for k in range(L)]

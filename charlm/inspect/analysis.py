@@ -58,7 +58,21 @@ def _q(values: torch.Tensor) -> bytes:
 
 def inspect_model(model: CharRNN, vocab: Vocab, text: str,
                   on_stage: Callable[[str], None] | None = None) -> Inspection:
-    """Inspect ``model`` over ``text`` (characters of its vocabulary only, at least two)."""
+    """Inspect ``model`` over ``text`` (characters of its vocabulary only, at least two).
+
+    In one CPU thread: the work is one stream stepped a character at a time and small
+    batches, which threads barely speed up, while on a busy machine threads that wait on each
+    other made the memory curve 40x slower (22 s against 0.6 s, measured on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _inspect_model(model, vocab, text, on_stage)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _inspect_model(model: CharRNN, vocab: Vocab, text: str,
+                   on_stage: Callable[[str], None] | None) -> Inspection:
     from charlm.evaluate import evaluate_model
 
     started = time.perf_counter()

@@ -242,7 +242,7 @@ def render(document: dict, page: dict) -> str:
     h: list[str] = []
     add = h.append
     add("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">")
-    add(f'<meta http-equiv="Content-Security-Policy" content="{_e(csp)}">')
+    add(f'<meta http-equiv="Content-Security-Policy" content="{csp}">')
     add(f'<meta name="generator" content="{GENERATOR} {_e(__version__)}">')
     add('<meta name="viewport" content="width=device-width, initial-scale=1">')
     add(f"<title>charlm inspect: {_e(d['run'])}</title><style>{STYLE}</style></head><body>")
