@@ -12,10 +12,11 @@ import torch
 
 from charlm.data.vocab import Vocab
 from charlm.model.network import CharRNN, State
-from charlm.sampling.draws import fresh_seed, stream_keys, uniforms
 from charlm.model.stepper import make_step, own, warm  # noqa: F401 - warm re-exported
+from charlm.sampling.draws import fresh_seed, stream_keys, uniforms
 from charlm.sampling.options import StopScan, check_options, seed_ids, start_ids  # noqa: F401 - re-exported
 from charlm.signals import stop_requested
+
 
 def _rows(value: float | torch.Tensor, B: int, dtype: torch.dtype, device) -> torch.Tensor:
     """A number, or one per row, as a (B, 1) tensor."""
