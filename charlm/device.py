@@ -144,6 +144,15 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA or MPS) to finish, so that a timer read
+    next counts it; the CPU computes in order, so there it returns at once."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -20,7 +20,7 @@ import torch
 
 from charlm.config import Config
 from charlm.data.vocab import Vocab
-from charlm.device import resolve_device, resolve_precision, set_threads
+from charlm.device import resolve_device, resolve_precision, set_threads, synchronize
 from charlm.model.network import build_model
 from charlm.sampling.sampler import generate
 from charlm.training.monitors import TrainLogs
@@ -51,25 +51,18 @@ class BenchResult:
         return {**asdict(self), "peak_fraction": self.peak_fraction}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def matmul_gflops(device: torch.device, precision: str, n: int = 2048, seconds: float = 1.0) -> float:
     """Best rate of n x n matrix products in the training precision, in GFLOP/s."""
     dtype = DTYPES[precision]
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b
-    _sync(device)
+    synchronize(device)
     best, deadline = 0.0, time.perf_counter() + seconds
     while True:
         t = time.perf_counter()
         a @ b
-        _sync(device)
+        synchronize(device)
         dt = time.perf_counter() - t
         best = max(best, 2 * n**3 / dt / 1e9)
         if time.perf_counter() > deadline:

@@ -12,6 +12,8 @@ nearest of its limits), so a 60 s run shows as much as a 3 hour one. An explicit
 * :meth:`Pacer.reserve` is the time the end of a run needs (one more step, the final
   evaluation, sample and save), measured as the run goes: training stops that much before
   ``train.max_time``, so the whole run, final evaluation included, fits in it.
+* :class:`RateMeter` is the speed a train record reports: characters per second of training
+  since the last record.
 
 Every input is a number all processes share, so every process takes the same decisions.
 """
@@ -52,7 +54,12 @@ class Pacer:
         planned = [n for n in (max_steps, math.ceil(epoch_steps)) if n > 0]
         self.planned_steps = min(planned) if planned else 0
         self.last_now = now
+        self.last_due = Due(log=True, eval=False)  # the decision for the step being taken
         self.start_step, self.start_now = step, now
+        # With sample_every not a multiple of the evaluations, a sample comes at the first
+        # evaluation past each multiple of it (a plain step % sample_every test would wait
+        # for their LCM).
+        self.sampled_at = step
         self.eval_seconds: float | None = None  # the last evaluation's, with its checkpoints
         # This process's time evaluating (with checkpoints) and sampling, on the clock the
         # processes agree on; the rest of its time is training.
@@ -71,7 +78,12 @@ class Pacer:
         return max(fractions)
 
     def due(self, step: int, now: float) -> Due:
-        """For the step that will be number ``step`` (1-based), starting at ``now`` seconds."""
+        """For the step that will be number ``step`` (1-based), starting at ``now`` seconds
+        (both kept, as ``last_due`` and ``last_now``, for the step to read)."""
+        self.last_due = self._due(step, now)
+        return self.last_due
+
+    def _due(self, step: int, now: float) -> Due:
         before, self.last_now = self.last_now, now
         if not (self.planned_steps or self.max_time):  # no length to pace to
             log_every = self.log_every or UNLIMITED_LOG_EVERY
@@ -100,9 +112,17 @@ class Pacer:
             gap = max(1 / EVALS, seconds / (MAX_EVAL_SHARE * self.max_time))
             self.next_eval = self.progress(step, now) + gap
 
-    def sampled(self, seconds: float) -> None:
+    def sample_due(self, step: int, sample_every: int, final: bool = False) -> bool:
+        """After an evaluation at ``step``: whether a sample is due (``train.sample_every``
+        steps, 0: at every evaluation); always at the end of a run (``final``)."""
+        return (final or not sample_every
+                or step // sample_every > self.sampled_at // sample_every)
+
+    def sampled(self, seconds: float, step: int) -> None:
+        """A sample at ``step`` took ``seconds``."""
         self.sample_total += seconds
         self.samples += 1
+        self.sampled_at = step
 
     def training_seconds(self, now: float) -> float:
         """Seconds of training (not evaluating, saving or sampling) since the start."""
@@ -136,3 +156,27 @@ class Pacer:
         else:
             logs = f"log every {UNLIMITED_LOG_EVERY:,} steps"
         return f"{evals}, {logs}"
+
+
+class RateMeter:
+    """Characters per second of training between train records: the time spent evaluating,
+    saving and sampling is left out (:meth:`pause`). ``chars``, ``now``: where it starts
+    (characters seen so far, a clock in seconds)."""
+
+    def __init__(self, chars: int, now: float):
+        self.first_chars = chars
+        self.chars, self.since = chars, now
+
+    def rate(self, chars: int, now: float) -> float:
+        """The speed since the last reading (or the start), which starts the next."""
+        rate = (chars - self.chars) / max(now - self.since, 1e-9)
+        self.chars, self.since = chars, now
+        return rate
+
+    def pause(self, seconds: float) -> None:
+        """``seconds`` of something other than training passed: not counted."""
+        self.since += seconds
+
+    def overall(self, chars: int, training_seconds: float) -> float:
+        """The speed since the start, over ``training_seconds`` of training."""
+        return (chars - self.first_chars) / training_seconds

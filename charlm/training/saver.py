@@ -8,19 +8,32 @@ parameters) and hands the copy to one writer thread, which writes each file atom
 waiting replaces the older one, so a slow disk never makes training wait; :meth:`close`
 waits for everything pending. An error on the writer thread (a full disk) is raised on the
 training thread at the next call, with the previous files left intact.
+
+What is written when is the checkpoint policy: :class:`SavePolicy` keeps its bookkeeping and
+takes its decisions (no model needed), and :class:`Saver` carries them out for the loop.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from charlm.storage import checkpoint
+from charlm.training.state import TrainState, snapshot
+
+if TYPE_CHECKING:
+    from charlm.training.loop import Setup
+
+CHEAP_SAVE = 0.02  # seconds: a checkpoint that copies faster is written at every evaluation
 
 
 def detached_copy(obj: Any, clone_cpu: bool = True) -> Any:
@@ -106,6 +119,143 @@ class CheckpointWriter:
                     self._prune = None
 
 
+def step_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def stale_steps(paths: Iterable[Path], keep: int) -> list[Path]:
+    """Of the step-NNNNNNNN.pt files ``paths``, those to delete to keep the newest ``keep``
+    (none when ``keep`` is 0: pruning is then off)."""
+    return sorted(paths)[:-keep] if keep else []
+
+
 def _prune_steps(run_dir: Path, keep: int) -> None:
-    for old in sorted(run_dir.glob("step-*.pt"))[:-keep]:
+    for old in stale_steps(run_dir.glob("step-*.pt"), keep):
         old.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """The files one save writes, decided by :meth:`SavePolicy.plan`."""
+
+    step: int
+    best: bool  # best.pt: the weights and training state, without the optimizer state
+    full: bool  # last.pt: all of it, for resuming
+    keep: int  # with last.pt, a step-NNNNNNNN.pt, keeping the newest ``keep`` (0: none)
+
+    def names(self) -> list[str]:
+        """The file names, in the order they are written."""
+        names = ["best.pt"] if self.best else []
+        if self.full:
+            names += ["last.pt", step_name(self.step)] if self.keep else ["last.pt"]
+        return names
+
+
+class SavePolicy:
+    """The checkpoint policy's bookkeeping and decisions, apart from any model or file.
+
+    After an evaluation: best.pt when the validation loss improved; last.pt when due
+    (:meth:`full_due`), and always at the end of training (:meth:`finish`); a step file with
+    last.pt, keeping the newest ``keep_last``. At a pause or an interrupt between evaluations:
+    last.pt. ``saved_step``: the step last.pt holds (a resumed run's own step; -1 for none).
+    """
+
+    def __init__(self, keep_last: int, saved_step: int = -1):
+        self.keep_last = keep_last
+        self.saved_step = saved_step
+        self.evaluated_step = -1  # the step of the last evaluation
+        # last.pt (with the optimizer state) is written at an evaluation when copying it last
+        # cost under CHEAP_SAVE or under 1% of the time since then: at every evaluation for
+        # the models a CPU trains, every few for a GPU's (copying configs/gpu.toml's optimizer
+        # state takes tens of milliseconds).
+        self.full_at, self.full_cost = -math.inf, 0.0
+        self.finishing = False  # the end of training: last.pt whatever it costs
+
+    def full_due(self, now: float, evaluated: bool) -> bool:
+        """Whether last.pt is due at ``now`` (seconds of the run)."""
+        return (self.finishing or not evaluated
+                or self.full_cost <= max(0.01 * (now - self.full_at), CHEAP_SAVE))
+
+    def plan(self, step: int, evaluated: bool, improved: bool, full: bool) -> SavePlan | None:
+        """What to write at ``step`` (``full``: last.pt, as :meth:`full_due` said, agreed
+        between the processes); None for nothing."""
+        if evaluated:
+            self.evaluated_step = step
+        if not (full or improved):
+            return None
+        if full:
+            self.saved_step = step
+        return SavePlan(step, improved, full, self.keep_last if evaluated else 0)
+
+    def copied(self, now: float, seconds: float) -> None:
+        """last.pt was copied at ``now``, in ``seconds``: what :meth:`full_due` weighs."""
+        self.full_at, self.full_cost = now, seconds
+
+    def finish(self) -> None:
+        self.finishing = True
+
+    def saved(self, step: int) -> bool:
+        """Whether last.pt holds ``step``."""
+        return self.saved_step == step
+
+    def evaluated(self, step: int) -> bool:
+        return self.evaluated_step == step
+
+
+class Saver:
+    """A run's checkpoints: the policy (:class:`SavePolicy`) carried out. Every process takes
+    part in the snapshot; rank 0 (``main``) copies it and hands it to the writer thread, which
+    writes each file atomically, so the training thread pays only for the copy."""
+
+    def __init__(self, run_dir: Path, keep_last: int, main: bool, saved_step: int = -1):
+        self.run_dir = run_dir
+        self.policy = SavePolicy(keep_last, saved_step)
+        self.writer = CheckpointWriter() if main else None
+
+    def save(self, run: Setup, state: TrainState, now: float, evaluated: bool,
+             improved: bool = False) -> list[str]:
+        """Write what the policy says at ``now`` (seconds of the run); returns the names of
+        the files queued (on rank 0)."""
+        started = time.perf_counter()
+        dist, policy = run.dist, self.policy
+        full = bool(dist.agree(float(policy.full_due(now, evaluated))))  # rank 0 measured
+        plan = policy.plan(state.step, evaluated, improved, full)
+        if plan is None:
+            return []
+        train_state = snapshot(state, run.batcher, run.model, dist, now)
+        if run.scaler.is_enabled():  # fp16: resume at the same loss scale
+            train_state["scaler"] = run.scaler.state_dict()
+        if self.writer is None:
+            return []
+        ckpt = detached_copy(checkpoint.make_checkpoint(
+            run.model, run.cfg, run.vocab,
+            **({"optimizer": run.optimizer.state_dict()} if full else {}),
+            train_file=run.source_info, vocab_growth=run.vocab_growth, train_state=train_state,
+        ), clone_cpu=run.device.type == "cpu")
+        names = plan.names()
+        files = {self.run_dir / name: ({k: v for k, v in ckpt.items() if k != "optimizer"}
+                                       if name == "best.pt" else ckpt) for name in names}
+        self.writer.submit(files, prune=(self.run_dir, plan.keep) if plan.keep else None,
+                           started=started)
+        if full:
+            policy.copied(now, time.perf_counter() - started)
+        return names
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Wait for the writer thread to finish the files it holds, also when training fails
+        (they are good checkpoints); a writer error is raised unless another is on its way."""
+        try:
+            yield
+        except BaseException:
+            if self.writer is not None:
+                with suppress(BaseException):
+                    self.writer.close()
+            raise
+        if self.writer is not None:
+            self.writer.close()
+
+    @property
+    def blocked(self) -> float:
+        """Seconds the training thread spent on checkpoints (copies and waits)."""
+        return self.writer.blocked if self.writer is not None else 0.0

@@ -4,9 +4,10 @@ lowest validation loss by the end of a time budget, on this device, for this tex
 How it decides (``--size auto``, when a run has a time budget and no shape was given):
 
 1. :func:`measure` times a few training steps of each candidate shape in :data:`LADDER` on
-   this device, in the run's precision (the real model, optimizer, autocast and loss; random
-   characters, as speed does not depend on them). That takes a few seconds, counted inside
-   the budget.
+   this device, in the run's precision (the loop's own step,
+   :func:`charlm.training.loop.optimizer_step`, with the real model, optimizer, autocast and
+   gradient scaler; random characters, as speed does not depend on them). That takes a few
+   seconds, counted inside the budget.
 2. Each candidate would see ``chars/s x seconds it trains`` characters: the seconds left,
    less its evaluations (:func:`training_seconds`: the run evaluates the validation split
    about twelve times, which costs a slow model a larger share). :func:`predicted_loss`
@@ -44,14 +45,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from charlm.config import Config, ModelConfig
-from charlm.device import amp_plan, autocast
+from charlm.device import amp_plan, autocast, synchronize
 from charlm.errors import CharlmError
 from charlm.evaluate import loss_sums
 from charlm.model.cells import CELLS
 from charlm.model.network import build_model, parameter_shapes
+from charlm.training import loop
 from charlm.training.pacing import EVALS, MAX_EVAL_SHARE
 from charlm.training.schedule import make_optimizer
 
@@ -149,43 +150,33 @@ class Speed:
 def measure(shape: Shape, vocab_size: int, device: torch.device, precision: str,
             seconds: float = 0.4, min_steps: int = 3, dropout: bool = False,
             eval_streams: int = 64) -> Speed:
-    """Chars/s of ``shape`` here: optimizer steps of the real model, optimizer, autocast and
-    loss on random characters, after one untimed step; at least ``min_steps`` steps and
-    ``seconds`` seconds are timed, and the median step counts (a virtual machine's first
-    touches of new memory and a neighbour's burst make single steps slow). With ``dropout``,
-    the steps are timed again (half as long) with dropout on. Evaluation is timed once, with
-    the run's own :func:`charlm.evaluate.loss_sums` on ``eval_streams`` streams (the faster
-    of two passes)."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    """Chars/s of ``shape`` here: the training loop's own step
+    (:func:`charlm.training.loop.optimizer_step`) of the real model, optimizer, autocast,
+    gradient scaler and clipping, on random characters, after one untimed step; at least
+    ``min_steps`` steps and ``seconds`` seconds are timed, and the median step counts (a
+    virtual machine's first touches of new memory and a neighbour's burst make single steps
+    slow). With ``dropout``, the steps are timed again (half as long) with dropout on.
+    Evaluation is timed once, with the run's own :func:`charlm.evaluate.loss_sums` on
+    ``eval_streams`` streams (the faster of two passes)."""
     def train_speed(p: float, seconds: float) -> tuple[float, torch.nn.Module]:
         model = build_model(vocab_size, shape.model_config(p)).to(device)
         ids = torch.randint(0, vocab_size, (B, T + 1), device=device)
-        opt = make_optimizer(model, Config().train, device)
+        opt = make_optimizer(model, tc, device)
         scaler = torch.amp.GradScaler(device.type, enabled=plan.loss_scaling)
         x, y = ids[:, :-1], ids[:, 1:]
 
-        def step() -> None:
-            with cast:
-                logits, _ = model(x, model.init_state(B))
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+        def step() -> None:  # from a fresh state, as at the start of an epoch
+            loop.optimizer_step(model, opt, scaler, cast, x, y, model.init_state(B),
+                                tc.grad_clip)
 
         step()
-        sync()
+        synchronize(device)
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < min_steps or time.perf_counter() - start < seconds:
             t = time.perf_counter()
             step()
-            sync()
+            synchronize(device)
             times.append(time.perf_counter() - t)
         return B * T / statistics.median(times), model
 
@@ -195,12 +186,13 @@ def measure(shape: Shape, vocab_size: int, device: torch.device, precision: str,
         for _ in range(2):
             t = time.perf_counter()
             loss_sums(model, ids, eval_streams, 64, cast)
-            sync()
+            synchronize(device)
             spans.append(time.perf_counter() - t)
         return eval_streams * 64 / min(spans)
 
     plan = amp_plan(precision, device, shape.cell)
     cast = autocast(device, precision)  # the context the run's own steps enter
+    tc = Config().train  # the default optimizer settings and clipping
     B, T = shape.batch_size, shape.seq_len
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # the run's own random streams stay as they were
