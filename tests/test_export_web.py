@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_clean_error, run_charlm, run_cli
 
 from charlm.config import Config
 from charlm.data.vocab import Vocab
 from charlm.export import web as web_export
 from charlm.model.network import build_model
 from charlm.storage import checkpoint
-from tests.conftest import assert_clean_error, run_charlm, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -128,7 +128,8 @@ def call(driver, method: str, *args):
     result = driver.execute_async_script("""
         const done = arguments[arguments.length - 1];
         const [method, args] = [arguments[0], arguments[1]];
-        window.charlm[method](...args).then((v) => done({ok: v}), (e) => done({error: String(e && e.message || e)}));
+        window.charlm[method](...args).then(
+          (v) => done({ok: v}), (e) => done({error: String(e && e.message || e)}));
     """, method, [a for a in args if a is not None])
     assert "error" not in result, result["error"]
     return result["ok"]
@@ -154,7 +155,8 @@ def test_fp32_page_matches_pytorch(browser, tmp_path, cell, layers):
 
 
 @pytest.mark.parametrize("quantize,cell", [("fp16", "lstm"), ("int8", "gru"), ("int8", "rnn")])
-def test_rounded_weights_greedy_text_matches_pytorch_on_the_same_weights(browser, tmp_path, quantize, cell):
+def test_rounded_weights_greedy_text_matches_pytorch_on_the_same_weights(browser, tmp_path, quantize,
+                                                                         cell):
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt", cell, 2, seed=3)
     page = export(ckpt, tmp_path / "m.html", quantize)
     open_page(browser, page)
@@ -166,7 +168,8 @@ def test_rounded_weights_greedy_text_matches_pytorch_on_the_same_weights(browser
     assert text == torch_greedy(model, vocab, SEED, 200)
     if quantize == "int8":  # the rounding is real: the fp32 weights give other probabilities
         exact, _ = torch_model(ckpt, "none")
-        assert max(abs(p - w) for (_, p), w in zip(got, torch_probs(exact, vocab, SEED), strict=True)) > 1e-5
+        fp32 = torch_probs(exact, vocab, SEED)
+        assert max(abs(p - w) for (_, p), w in zip(got, fp32, strict=True)) > 1e-5
 
 
 def test_sampler_seed_stop_and_options(browser, tmp_path):
@@ -251,7 +254,8 @@ def test_ui_streams_after_a_click_and_makes_no_request(browser, tmp_path):
     # No request left the page: only the page itself was loaded, no resource was fetched, and a
     # deliberate fetch is refused by the Content-Security-Policy.
     requests = [json.loads(e["message"])["message"] for e in browser.get_log("performance")]
-    urls = [m["params"]["request"]["url"] for m in requests if m["method"] == "Network.requestWillBeSent"]
+    urls = [m["params"]["request"]["url"] for m in requests
+            if m["method"] == "Network.requestWillBeSent"]
     assert all(u == page.resolve().as_uri() for u in urls), urls
     assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
     outcome = browser.execute_async_script("""
@@ -309,6 +313,16 @@ def test_page_holds_escaped_data_and_the_model_card(tmp_path):
     card = web_export.describe_page(tmp_path / "m.html")
     assert card["train_file"] == HOSTILE + ".txt" and card["weights"].startswith("int8")
     assert html.count("<script") == 4 and html.count("</script>") == 4
+
+
+def test_a_checkpoint_never_evaluated_exports(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "run" / "last.pt", "gru", 1)
+    raw = torch.load(ckpt, weights_only=True)
+    raw["train_state"]["best_val_loss"] = float("inf")  # interrupted before its first evaluation
+    checkpoint.save(ckpt, raw)
+    proc = run_cli("export", ckpt, "--format", "html")
+    assert proc.returncode == 0, proc.stderr
+    assert web_export.describe_page(tmp_path / "run" / "last.html")["best_val_loss"] is None
 
 
 def test_size_bound_is_a_one_line_error(tmp_path, monkeypatch):

@@ -537,8 +537,9 @@ def _export_html(checkpoint_path: Path, output: Path | None, force: bool, quanti
 
     r = export_html(_checkpoint(checkpoint_path), output, force, quantize)
     if r.loss_change is not None:
-        loss = (f"{r.loss_page:.4f} nats/char on the validation split, {r.loss_change:+.4f} from "
-                f"the checkpoint's {r.loss:.4f} (measured in PyTorch on the page's weights)")
+        loss = (f"{r.loss_page:.4f} nats/char, {r.loss_change:+.4f} from the checkpoint's "
+                f"{r.loss:.4f} (PyTorch on the page's weights, {r.loss_chars:,} characters of "
+                "the validation split)")
     else:
         loss = r.loss_note
     with _written(r.path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ PAGE_VERSION = 1
 MAX_PARAMETERS = 20_000_000
 MAX_PAGE_BYTES = 100_000_000
 # Validation characters the loss change is measured on (a prefix of the split beyond this).
-MAX_EVAL_CHARS = 2_000_000
+MAX_EVAL_CHARS = 500_000
 
 
 @dataclass
@@ -52,6 +53,7 @@ class HtmlExportResult:
     loss: float | None  # validation loss of the checkpoint's weights, nats/char
     loss_page: float | None  # ... of the page's (rounded) weights
     loss_note: str  # why the loss change was not measured, or ""
+    loss_chars: int = 0  # validation characters the losses are measured over
 
     @property
     def loss_change(self) -> float | None:
@@ -146,49 +148,51 @@ def run_name(checkpoint_path: Path) -> str:
 
 def card(ckpt: dict[str, Any], run: str, quantize: str) -> dict[str, Any]:
     d = checkpoint.describe(ckpt)
+    best = d["best_val_loss"]  # inf (never evaluated) or missing: not shown
+    best = float(best) if isinstance(best, int | float) and math.isfinite(best) else None
     return {
         "cell": d["cell"], "embed_size": d["embed_size"], "hidden_size": d["hidden_size"],
         "num_layers": d["num_layers"], "parameters": d["parameters"], "vocab_size": d["vocab_size"],
-        "train_file": d["train_file"]["name"], "best_val_loss": d["best_val_loss"],
+        "train_file": d["train_file"]["name"], "best_val_loss": best,
         "charlm_version": __version__, "run": run,
         "weights": {"fp16": "fp16", "int8": "int8 (one scale per row)", "none": "fp32"}[quantize],
     }
 
 
 def validation_loss_change(ckpt: dict[str, Any], rounded: dict[str, torch.Tensor]
-                           ) -> tuple[float | None, float | None, str]:
+                           ) -> tuple[float | None, float | None, str, int]:
     """Validation loss (nats/char) of the checkpoint's weights and of the rounded weights, in
     PyTorch fp32 on the CPU, over the validation split of the training text (at most
-    MAX_EVAL_CHARS characters of it). (None, None, why) when the text cannot be had."""
+    MAX_EVAL_CHARS characters of it), why not ("" when measured) and the characters counted."""
     from charlm.data.batching import as_tensor, load_corpus, split
     from charlm.evaluate import mean_loss
 
     source = ckpt.get("train_file") if isinstance(ckpt.get("train_file"), dict) else {}
     path = source.get("path")
     if not isinstance(path, str) or not path:
-        return None, None, "not measured: the checkpoint does not say where its training text is"
+        return None, None, "not measured: the checkpoint does not say where its training text is", 0
     if not Path(path).is_file():
-        return None, None, "not measured: the training text is no longer at the path training read"
+        return None, None, "not measured: the training text is no longer at the path training read", 0
     cfg = checkpoint.config_of(ckpt)
     try:
         corpus = load_corpus(path, vocab=checkpoint.vocab_of(ckpt), encoding=cfg.data.encoding,
                              errors=cfg.data.errors, drop_unknown=True, newline=cfg.data.newline,
                              evaluating=True)
     except (CharlmError, OSError, UnicodeError):
-        return None, None, "not measured: the training text cannot be read"
+        return None, None, "not measured: the training text cannot be read", 0
     if source.get("sha256") and corpus.source.sha256 != source.get("sha256"):
-        return None, None, "not measured: the training text has changed since training"
+        return None, None, "not measured: the training text has changed since training", 0
     _, val = split(corpus.ids, cfg.data.val_fraction)
     val = np.asarray(val[:MAX_EVAL_CHARS]).astype(np.int64)
     if len(val) < 2:
-        return None, None, "not measured: the validation split is empty"
+        return None, None, "not measured: the validation split is empty", 0
     ids = as_tensor(val, torch.device("cpu"))
     model = checkpoint.model_of(ckpt)
     with torch.inference_mode():
         before = mean_loss(model, ids, seq_len=256)
         model.load_state_dict(rounded)
         after = mean_loss(model, ids, seq_len=256)
-    return before, after, ""
+    return before, after, "", len(val) - 1
 
 
 def describe_page(path: str | Path) -> dict[str, Any] | None:
@@ -290,11 +294,12 @@ def export_html(checkpoint_path: str | Path, output: str | Path | None = None, f
             f"{MAX_PAGE_BYTES:,}); use --quantize int8 or export a smaller model"
         )
     loss = loss_page = None
+    chars = 0
     note = "exact (fp32 weights)" if quantize == "none" else "not measured"
     if measure and quantize != "none":
-        loss, loss_page, note = validation_loss_change(ckpt, rounded)
+        loss, loss_page, note, chars = validation_loss_change(ckpt, rounded)
     remove_stale_temporaries(out)  # left by an export that was killed
     checkpoint.atomic_write(out, lambda f: f.write(data))
     cfg = checkpoint.config_of(ckpt)
     return HtmlExportResult(out, out.stat().st_size, quantize, cfg.model.cell, parameters,
-                            loss, loss_page, note)
+                            loss, loss_page, note, chars)
