@@ -350,6 +350,7 @@ def test_page_in_a_browser(tmp_path):
         from selenium.webdriver.chrome.service import Service
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select
     except ImportError:
         pytest.skip("selenium is not installed (pip install selenium; it is in the dev extra)")
     if not CHROMIUM or not CHROMEDRIVER:
@@ -384,13 +385,15 @@ def test_page_in_a_browser(tmp_path):
         ActionChains(driver).move_to_element(spans[5]).perform()
         tip = driver.find_element(By.ID, "tip")
         assert tip.is_displayed() and "most likely next" in tip.text
-        expected = vocab.chars[r.page["top_ids"][4][0]]
-        assert json.dumps(expected if expected not in "\n\t " else "x")[1:-1] in tip.text or expected in "\n\t "
+        top = vocab.chars[r.page["top_ids"][4][0]]  # what the model expected after character 4
+        shown = json.dumps({"\n": "\\n", "\t": "\\t", " ": "space"}.get(top, top))
+        assert f'{shown}  {r.page["top_p"][4][0]:.3f}' in tip.text, tip.text
         cells = driver.find_element(By.ID, "cells")
         before = cells.get_attribute("data-unit")
         colors = [s.value_of_css_property("background-color") for s in
                   cells.find_elements(By.TAG_NAME, "span")[:60]]
-        driver.find_element(By.ID, "layer").send_keys("1")
+        Select(driver.find_element(By.ID, "layer")).select_by_value("1")
+        Select(driver.find_element(By.ID, "kind")).select_by_value("h")
         unit = driver.find_element(By.ID, "unit")
         unit.clear()
         unit.send_keys("7")
