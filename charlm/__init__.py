@@ -4,7 +4,8 @@ The Python API (docs/python-api.md); ``import charlm`` stays light: torch is imp
 when a model is loaded or trained.
 
     charlm.load(path, device="cpu") -> charlm.Model   .generate(...), .evaluate(...)
-    charlm.train(path=None, config=None, out=None, **overrides) -> TrainResult
+    charlm.train(path=None, config=None, out=None, resume=None, init_from=None, grow_vocab=False,
+                 dry_run=False, ..., **overrides) -> TrainResult (a DryRun with dry_run)
     charlm.tiny_shakespeare() -> Path of the bundled corpus
 """
 
@@ -21,7 +22,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     if name == "train":  # a plain function: charlm.train(path, config=None, out=None, **overrides)
-        return import_module("charlm.training.setup").run
+        return import_module("charlm.training.request").run
     raise AttributeError(f"module 'charlm' has no attribute {name!r}")
 
 

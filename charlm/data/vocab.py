@@ -26,6 +26,13 @@ def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
 
+def show_chars(chars, most: int = 20) -> str:
+    """Characters as a readable list of their reprs (escapes for control characters), the
+    first ``most`` of them: ``'é', 'ß', ...``."""
+    shown = ", ".join(repr(c) for c in list(chars)[:most])
+    return shown + (", ..." if len(chars) > most else "")
+
+
 def id_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds ids ``0 .. vocab_size - 1``."""
     for dtype in (np.uint8, np.uint16, np.uint32):

@@ -21,6 +21,7 @@ class DryRun:
     vocab_size: int
     num_parameters: int
     sized: bool = False  # the shape is chosen when training starts (charlm.training.sizing)
+    config: Config | None = None  # the resolved config itself
 
 
 def dry_run(text_path: str | Path, cfg: Config, base: dict[str, Any] | None = None) -> DryRun:
@@ -36,4 +37,4 @@ def dry_run(text_path: str | Path, cfg: Config, base: dict[str, Any] | None = No
     with torch.device("meta"):  # shapes only: no memory for the weights of a large model
         model = build_model(vocab_size, cfg.model)
     return DryRun(to_toml(cfg), vocab_size, model.num_parameters(),
-                  sized=base is None and sizing.wanted(cfg))
+                  sized=base is None and sizing.wanted(cfg), config=cfg)

@@ -10,6 +10,8 @@ Where to change what:
 * what the user sees (bar, log lines, metrics.jsonl, TensorBoard): :mod:`charlm.training.monitors`
 * when to log and evaluate, and the time a limit keeps for the end: :mod:`charlm.training.pacing`
 * ``--dry-run``: :mod:`charlm.training.dry_run`
+* what ``charlm train`` and ``charlm.train()`` ask for (option checks, resume, ``--init-from``,
+  the config's layers, sizing, the dry run), resolved before this: :mod:`charlm.training.request`
 
 Over 300 lines: the set-up of a run with the checks it makes, and its result, read in order.
 """
@@ -17,7 +19,6 @@ Over 300 lines: the set-up of a run with the checks it makes, and its result, re
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,9 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from charlm.config import Config, apply_overrides, load_toml, to_toml, validate
+from charlm.config import Config, to_toml, validate
 from charlm.data.batching import Batcher, as_tensor, load_corpus, split
-from charlm.data.corpus import default_corpus
 from charlm.device import allow_tf32, amp_plan, autocast, cpu_count, resolve_precision, set_threads
 from charlm.errors import CharlmError, CheckpointError, ConfigError, DataError, first_line
 from charlm.model.network import build_model
@@ -297,18 +297,3 @@ def header(run: Setup, state: TrainState, run_dir: Path, resumed: bool) -> Heade
         sizing=run.sizing.reason() if run.sizing else "",
     )
 
-
-def run(path: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
-        out: str | os.PathLike | None = None, progress: bool = True, **overrides: Any):
-    """The Python API's ``charlm.train(...)``: train a new model on ``path`` (a text file or
-    a directory of ``*.txt``; default: the bundled tiny Shakespeare), as ``charlm train``
-    does. ``config`` is a TOML file like ``configs/cpu.toml``; ``overrides`` set any config
-    field by name (``cell="gru"``, ``hidden_size=128``, ``max_steps=500``, ``lr=2e-3``, ...);
-    ``out`` is the run directory (default ``runs/<stem>-<cell>``). Returns a
-    :class:`TrainResult` (``run_dir``, ``step``, ``best_val_loss``, ``chars_per_sec``, ...)."""
-    given: set[str] = set()
-    cfg = load_toml(config, given=given) if config is not None else Config()
-    given |= apply_overrides(cfg, overrides, source="charlm.train()")
-    keep = sizing.settle(cfg, given)
-    text = Path(path) if path is not None else default_corpus()
-    return train(text, cfg, out_dir=out, progress=progress, keep=keep)
