@@ -190,6 +190,7 @@ def test_memory_curve_unlimited_is_evaluation_and_k_cuts_the_context(inspected):
     assert points[None] == pytest.approx(full[where - 1].mean(), abs=1e-5)
     assert points[1] == pytest.approx(k1, abs=1e-5)
     assert points[1] != pytest.approx(points[None], abs=1e-3)  # a cut changes the loss
+    assert r.document["memory_gain_beyond_64"] == pytest.approx(points[64] - points[None])
     # A text shorter than every cut: each k reads all there is, so the curve is flat.
     short = ids[:300]
     flat = memory.curve(model, short, full[:299], memory.positions(300))
@@ -331,6 +332,9 @@ def test_command_errors(tiny_run, tmp_path):
     assert inspect_err.stderr.strip() == eval_err.stderr.strip()
     proc = run_cli("inspect", tiny_run, tmp_path / "missing.txt", "-o", tmp_path / "p.html")
     assert_clean_error(proc, "missing.txt")
+    proc = run_cli("inspect", tiny_run, text, "-o", tmp_path / "no" / "p.html")
+    assert_clean_error(proc, "does not exist")
+    assert proc.returncode == 2
 
 
 def test_export_without_training_text_needs_a_text(tmp_path):

@@ -18,6 +18,7 @@ from charlm.errors import ConfigError, DataError
 from charlm.inspect import features as feat
 from charlm.inspect import memory
 from charlm.inspect.activations import GATES, KEEP_GATE, run_chunks
+from charlm.inspect.memory import KS
 from charlm.model.network import CharRNN
 from charlm.units import LN2
 
@@ -171,6 +172,8 @@ def _inspect_model(model: CharRNN, vocab: Vocab, text: str,
         "gates": gates, "gate_distribution": distribution,
         "saturation": {"left_below": SATURATED[0], "right_above": SATURATED[1]},
         "memory": curve, "memory_positions": len(where),
+        # nats/char that the context beyond 64 characters saves at those positions
+        "memory_gain_beyond_64": curve[KS.index(64)]["loss"] - curve[-1]["loss"],
         "seconds": round(time.perf_counter() - started, 3),
     }
     page = {

@@ -353,6 +353,8 @@ def check_output(path: Path, force: bool) -> None:
     directory, before any work is done."""
     if path.is_dir():
         raise ConfigError(f"--output {path} is a directory; name a .html file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output {path}: the folder {path.parent} does not exist")
     if path.exists() and not force:
         try:
             with open(path, "rb") as f:
