@@ -42,12 +42,6 @@ def _error(message: str) -> None:
     err.print(Text.assemble(("error: ", "bold red"), _literal(message)))
 
 
-def _chars(chars, most: int = 20) -> str:
-    """Characters as a readable list of their reprs (escapes for control characters)."""
-    shown = ", ".join(repr(c) for c in list(chars)[:most])
-    return shown + (", ..." if len(chars) > most else "")
-
-
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=_literal(title), show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)
@@ -128,14 +122,6 @@ def _random_seed(random_seed: int | None, seed: int | None) -> int | None:
     err.print("note: train --seed is deprecated and will be removed; use --random-seed "
               "(as in every command; in sample, --seed is the text to start from)")
     return seed
-
-
-def _apply_options(cfg, sets: list[str], **options) -> dict[str, str]:
-    """Set the given typed options on ``cfg`` (``--seq-len 64`` sets ``cfg.train.seq_len``),
-    then the ``--set`` strings over them (charlm.config.apply_options)."""
-    from charlm.config import apply_options
-
-    return apply_options(cfg, options, sets)
 
 
 def _default(key: str) -> str:
@@ -469,22 +455,25 @@ def info(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Describe a checkpoint."""
-    from charlm.storage import checkpoint
+    from charlm.storage.checkpoint import describe_file
 
     checkpoint_path = _checkpoint(checkpoint_path)
-    ckpt = checkpoint.read(checkpoint_path)
-    checkpoint.check_weights(ckpt)  # so the numbers below describe real weights
-    d = checkpoint.describe(ckpt)
+    d = describe_file(checkpoint_path)
     if as_json:
         _print_json({"checkpoint": str(checkpoint_path), **d})
         return
+    _print_table(out, _table("charlm info", _info_rows(checkpoint_path, d)))
+
+
+def _info_rows(checkpoint_path: Path, d: dict) -> list[tuple[str, str]]:
+    from charlm.data.vocab import show_chars
 
     def number(value, spec: str) -> str:
         return "?" if value is None else format(value, spec)
 
     source = d["train_file"]
     best = d["best_val_loss"]
-    _print_table(out, _table("charlm info", [
+    return [
         ("checkpoint", str(checkpoint_path)),
         ("cell", d["cell"]),
         ("embedding / hidden / layers", f"{d['embed_size']} / {d['hidden_size']} / {d['num_layers']}"),
@@ -492,7 +481,7 @@ def info(
         ("parameters", f"{d['parameters']:,}"),
         ("vocabulary", f"{d['vocab_size']:,} characters"),
         *[("vocabulary growth", f"{g['base_size']:,} + {len(g['added']):,} characters: "
-                                f"{_chars(g['added'])}")
+                                f"{show_chars(g['added'])}")
           for g in d["vocab_growth"]],
         ("steps", number(d["steps"], ",")),
         ("epochs", number(d["epochs"], ".2f")),
@@ -502,7 +491,7 @@ def info(
         ("file sha256", str(source["sha256"] or "?")),
         ("format / charlm / torch",
          f"{d['format_version']} / {d['charlm_version']} / {d['torch_version']}"),
-    ]))
+    ]
 
 
 @app.command()
@@ -602,8 +591,6 @@ def runs(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """List the runs in DIR (default runs/) by training text, best validation loss first."""
-    from datetime import datetime
-
     from charlm.runs.directory import list_runs
 
     warnings: list[str] = []
@@ -612,13 +599,18 @@ def runs(
         err.print(Text(f"warning: {_literal(warning)}"))
     if as_json:
         _print_json({"directory": str(directory), "runs": [r.to_dict() for r in found]})
-        return
-    if not found:
+    elif not found:
         out.print(f"no runs on {_literal(text)} in {_literal(directory)}" if text is not None
                   else f"no runs in {_literal(directory)} yet; start one with: charlm train")
-        return
-    # A light box, and no padding on narrow terminals; no cell ever wraps: a table wider than
-    # the terminal is printed whole (see _print_table).
+    else:
+        _print_table(out, _runs_table(directory, found))
+
+
+def _runs_table(directory: Path, found: list) -> Table:
+    """A light box, and no padding on narrow terminals; no cell ever wraps: a table wider
+    than the terminal is printed whole (see _print_table)."""
+    from datetime import datetime
+
     table = Table(title=f"runs in {_literal(directory)} by training text, best validation loss first",
                   title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
@@ -639,7 +631,7 @@ def runs(
             _duration(r.elapsed) if r.elapsed > 0 else "-",
             datetime.fromtimestamp(r.modified).strftime("%Y-%m-%d %H:%M"),
         )
-    _print_table(out, table)
+    return table
 
 
 @app.command()
@@ -654,19 +646,22 @@ def bench(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Measure training and sampling speed of a config on this device."""
-    from charlm.config import Config, load_toml, validate
+    from charlm.config import layered
     from charlm.training import bench as benchmark
 
-    cfg = load_toml(config) if config else Config()
-    validate(cfg, _apply_options(cfg, list(set_ or []), device=device, precision=precision,
-                                 random_seed=random_seed))
+    options = {"device": device, "precision": precision, "random_seed": random_seed}
+    cfg = layered(config, options, list(set_ or []))
     r = benchmark.run(cfg, steps=steps, sample_length=sample_length)
-    m = cfg.model
     if as_json:
         _print_json({**r.to_dict(), "model": cfg.to_dict()["model"],
                      "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len})
-        return
-    _print_table(out, _table(f"charlm bench ({r.device}, {r.precision})", [
+    else:
+        _print_table(out, _table(f"charlm bench ({r.device}, {r.precision})", _bench_rows(cfg, r)))
+
+
+def _bench_rows(cfg, r) -> list[tuple[str, str]]:
+    m = cfg.model
+    return [
         ("model", f"{m.cell} {m.hidden_size} x {m.num_layers}, embedding {m.embed_size}, "
                   f"{r.params:,} parameters"),
         ("batch x window", f"{cfg.train.batch_size} x {cfg.train.seq_len}"),
@@ -676,7 +671,7 @@ def bench(
         (f"sampling, {r.sample_batch} streams", f"{r.sample_batch_chars_per_sec:,.0f} chars/s"),
         ("matmul peak (measured)", f"{r.matmul_gflops:,.0f} GFLOP/s"),
         ("training arithmetic", f"{r.model_gflops:,.1f} GFLOP/s = {r.peak_fraction:.0%} of peak"),
-    ]))
+    ]
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -743,6 +738,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Texts that may wait for a place (then 429).")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (then 413).")] = 1 << 20,
     timeout: Annotated[float, typer.Option(help="Seconds a request may take (then 503).")] = 300.0,
+    threads: Annotated[int, typer.Option(help="CPU threads for the model (0: all CPUs but one, which serves HTTP).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log line per request.")] = False,
 ) -> None:
     """Serve models over HTTP: OpenAI's completions API and a page to try them at /."""
@@ -772,7 +768,7 @@ def serve(
 
     limits = Limits(max_body_bytes, max_prompt_chars, max_tokens, max_n, max_streams, max_queue, timeout)
     run_server(targets or [], model or [], host=host, port=port, device=device, api_key=api_key,
-               limits=limits, on_start=started, log=None if quiet else log)
+               limits=limits, threads=threads, on_start=started, log=None if quiet else log)
 
 
 # ---------------------------------------------------------------------------------- entry

@@ -32,14 +32,15 @@ class Started:
 
 def serve(paths: list[os.PathLike | str], named: list[str] | None = None, *,
           host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          api_key: str | None = None, limits: Any = None,
+          api_key: str | None = None, limits: Any = None, threads: int = 0,
           on_start: Callable[[Started], None] | None = None,
           log: Callable[[str], None] | None = None) -> None:
     """Serve models until SIGTERM or Ctrl-C. ``paths``: checkpoints, exports or run
     directories (named after the run or the file); ``named``: ``NAME=PATH`` texts; with
     neither, the newest run under runs/. ``api_key`` (or CHARLM_API_KEY): required as
-    ``Authorization: Bearer KEY``. ``on_start`` is called once the port is bound, ``log``
-    with one line per request (None: no access log)."""
+    ``Authorization: Bearer KEY``. ``threads``: torch's CPU threads (0: one CPU fewer than
+    this process may use, at least 1: the other one serves HTTP). ``on_start`` is called once
+    the port is bound, ``log`` with one line per request (None: no access log)."""
     from charlm.extras import require
 
     require("starlette", "serve", "charlm serve")
@@ -55,6 +56,13 @@ def serve(paths: list[os.PathLike | str], named: list[str] | None = None, *,
 
         raise ConfigError(f"--port must be in [0, 65535] (0: any free port); got {port}")
     key = app.api_key_from(api_key)
+    if not 0 <= threads <= 4096:
+        from charlm.errors import ConfigError
+
+        raise ConfigError(f"--threads must be in [0, 4096] (0: automatic); got {threads}")
+    from charlm.device import cpu_count, set_threads
+
+    set_threads(threads or max(1, cpu_count() - 1))
     pairs = [(model_name(checkpoint_in(Path(p))), checkpoint_in(Path(p))) for p in paths]
     for text in named or []:
         name, path = parse_model_option(text)

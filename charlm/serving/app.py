@@ -42,6 +42,7 @@ MAX_STOP_CHARS = 64
 MAX_PROMPTS = 64  # strings in a list prompt
 DEFAULT_MAX_TOKENS = 500  # as charlm sample --length
 DEFAULT_TEMPERATURE = 0.8  # as charlm sample
+STREAM_INTERVAL = 0.01  # seconds: a streamed response sends at most one chunk per interval
 IGNORED = {"user", "stream_options", "logit_bias", "suffix", "best_of", "logprobs",
            "presence_penalty", "frequency_penalty"}
 
@@ -410,10 +411,18 @@ class Server:
             if text:
                 yield chunk(i, text, None)
         open_ = len(streams)
+        sent = 0.0
         while open_:
             items = [await queue.get()]
+            # At most one chunk per STREAM_INTERVAL: what the model generates meanwhile goes
+            # out together, so many streams cost the server and their clients one write and
+            # one parse per interval instead of one per character.
+            wait = sent + STREAM_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             while not queue.empty():  # coalesce what came meanwhile, per choice, in order
                 items.append(queue.get_nowait())
+            sent = time.monotonic()
             if any(index is None for index, _, _ in items):
                 return  # the client went away
             merged: dict[int, list] = {}

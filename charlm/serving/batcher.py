@@ -28,6 +28,9 @@ from charlm.model.network import Stepper, select_state, state_tensors, step_cont
 from charlm.sampling.draws import uniforms
 from charlm.sampling.sampler import pick, warm
 
+WARM_CACHE_SIZE = 64  # prompts
+WARM_CACHE_IDS = 4096  # characters: longer prompts are not kept
+
 # How a stream ended: "stop" (a stop text), "length" (max_tokens), "timeout" (the server's
 # time limit), "cancelled" (its client went away), "error" (the model step failed).
 Finish = str
@@ -98,6 +101,9 @@ class Batcher:
         self.closing = False
         self.steps = 0
         self.error: Exception | None = None  # the last failed step's, for the log
+        # prompt ids -> (logits, state) after it: warm-ups of recent short prompts, reused
+        # (the same computation, so the same numbers) by the requests that repeat them
+        self.warm_cache: dict[tuple[int, ...], tuple[torch.Tensor, object]] = {}
         self.thread = threading.Thread(target=self._run, name=f"charlm-batch-{name}", daemon=True)
 
     def start(self) -> None:
@@ -165,7 +171,7 @@ class Batcher:
     def _step(self, stepper: Stepper, batch: _Batch, new: list[Stream]) -> list:
         events: list = []
         now = time.monotonic()
-        warmed: dict[tuple[int, ...], tuple[torch.Tensor, object]] = {}
+        warmed = self.warm_cache
         joining = []
         for s in new:
             if s.cancelled or now > s.deadline:
@@ -173,8 +179,15 @@ class Batcher:
                 events.append((s, "", s.finished))
                 continue
             key = tuple(s.ids)
-            if key not in warmed:  # the choices of one prompt share its warm-up
+            if key in warmed:  # the choices of a prompt, and prompts seen lately, share it
+                warmed[key] = warmed.pop(key)  # most recently used last
+            else:
                 warmed[key] = warm(self.model, s.ids)
+                if len(key) > WARM_CACHE_IDS:
+                    joining.append((s, *warmed.pop(key)))
+                    continue
+                while len(warmed) > WARM_CACHE_SIZE:
+                    del warmed[next(iter(warmed))]
             joining.append((s, *warmed[key]))
         batch.join(joining)
         if not batch.streams:
