@@ -318,6 +318,21 @@ def test_sigterm_finishes_streams_in_flight_and_exits_0(tiny_run):
         s.stop()
 
 
+def test_exports_are_served_by_name(exports, server):
+    s = Served("--model", f"st={exports['safetensors']}", "--model", f"ox={exports['onnx']}")
+    try:
+        c = client(s.url)
+        assert [m.id for m in c.models.list().data] == ["st", "ox"]
+        ask = dict(prompt="All:", max_tokens=40, seed=6, temperature=0.9)
+        pt = client(server.url).completions.create(model=MODEL, **ask).choices[0].text
+        assert c.completions.create(model="st", **ask).choices[0].text == pt
+        greedy = dict(prompt="All:", max_tokens=40, temperature=0)
+        assert c.completions.create(model="ox", **greedy).choices[0].text == \
+            c.completions.create(model="st", **greedy).choices[0].text
+    finally:
+        assert s.stop() == 0, s.lines
+
+
 # ----------------------------------------------------------------------- the command's errors
 def test_without_the_extra_the_command_is_a_one_line_error(monkeypatch, tiny_run):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed

@@ -16,6 +16,7 @@ go back to the event loop in one call.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -137,10 +138,10 @@ class Batcher:
 
     # ------------------------------------------------------------------ the model's thread
     def _run(self) -> None:
-        device = self.model.head.weight.device
-        with torch.inference_mode(), step_context(device):
-            stepper = Stepper(self.model)
-            batch = _Batch(device)
+        engine = engine_of(self.model)
+        with torch.inference_mode(), engine.context():
+            stepper = engine.stepper()
+            batch = _Batch(engine.device)
             while True:
                 with self.cond:
                     while not self.active and not self.pending and not self.closing:
@@ -154,7 +155,7 @@ class Batcher:
                     room = self.max_streams - len(self.active)
                     new, self.pending = gone + self.pending[:room], self.pending[room:]
                 try:
-                    events = self._step(stepper, batch, new)
+                    events = self._step(engine, stepper, batch, new)
                 except Exception as exc:  # noqa: BLE001 - a failed step ends its streams, not the server
                     events = [(s, "", "error") for s in batch.streams + new if s.finished is None]
                     for s, _, _ in events:
@@ -168,7 +169,7 @@ class Batcher:
                     self.deliver(events)
                 self.steps += 1
 
-    def _step(self, stepper: Stepper, batch: _Batch, new: list[Stream]) -> list:
+    def _step(self, engine, stepper, batch: _Batch, new: list[Stream]) -> list:
         events: list = []
         now = time.monotonic()
         warmed = self.warm_cache
@@ -182,7 +183,7 @@ class Batcher:
             if key in warmed:  # the choices of a prompt, and prompts seen lately, share it
                 warmed[key] = warmed.pop(key)  # most recently used last
             else:
-                warmed[key] = warm(self.model, s.ids)
+                warmed[key] = engine.warm(s.ids)
                 if len(key) > WARM_CACHE_IDS:
                     joining.append((s, *warmed.pop(key)))
                     continue
@@ -249,7 +250,7 @@ class _Batch:
         self.top_k = torch.tensor([s.top_k for s in streams], dtype=torch.long, device=dev)
         self.top_p = torch.tensor([s.top_p for s in streams], dtype=torch.float64, device=dev)
 
-    def advance(self, stepper: Stepper, nxt: torch.Tensor, keep: list[int]) -> None:
+    def advance(self, stepper, nxt: torch.Tensor, keep: list[int]) -> None:
         """Feed each kept stream its drawn character; drop the others."""
         if not keep:
             self.clear()
@@ -260,3 +261,57 @@ class _Batch:
             nxt, self.state = nxt[rows], select_state(self.state, rows)
             self._options()
         self.logits, self.state = stepper(nxt, self.state)
+
+
+class TorchEngine:
+    """A PyTorch model: the seed in one pass (:func:`warm`), then the :class:`Stepper`, as
+    ``charlm sample`` runs it."""
+
+    def __init__(self, model):
+        self.model, self.device = model, model.head.weight.device
+
+    def context(self):
+        return step_context(self.device)
+
+    def stepper(self):
+        return Stepper(self.model)
+
+    def warm(self, ids: list[int]):
+        return warm(self.model, ids)
+
+
+class OnnxEngine:
+    """An ONNX export (onnxruntime, on the CPU), stepped one character at a time as
+    ``charlm sample`` steps it; its logits and state are handed over as CPU tensors, so the
+    batch and the draw are the PyTorch model's."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, net):
+        self.net = net
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def stepper(self):
+        return self.step
+
+    def warm(self, ids: list[int]):
+        state = self.net.init_state(1)
+        for i in ids:
+            logits, state = self.net.step(np.array([i]), state)
+        return torch.from_numpy(np.asarray(logits)), self._state(state)
+
+    def step(self, nxt: torch.Tensor, state):
+        logits, new = self.net.step(nxt.numpy(), [t.numpy() for t in state_tensors(state)])
+        return torch.from_numpy(np.asarray(logits)), self._state(new)
+
+    @staticmethod
+    def _state(arrays):
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        return (tensors[0], tensors[1]) if len(tensors) == 2 else tensors[0]
+
+
+def engine_of(model):
+    """How to run ``model``: a torch module, or an ONNX export's session wrapper."""
+    return OnnxEngine(model) if hasattr(model, "session") else TorchEngine(model)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charlm.errors import CharlmError, ConfigError, printable
+from charlm.errors import ConfigError, printable
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
@@ -55,6 +55,12 @@ def card_of(path: Path, model: Any) -> dict[str, Any]:
     """What /v1/models and the page show of a model."""
     from charlm.storage import checkpoint
 
+    if model.device == "onnxruntime":  # the export holds its config and vocabulary only
+        m = model.config.model
+        return {"cell": m.cell, "embed_size": m.embed_size, "hidden_size": m.hidden_size,
+                "num_layers": m.num_layers, "parameters": None, "vocab_size": len(model.vocab),
+                "best_val_loss": None, "train_file": None, "steps": None,
+                "charlm_version": None, "weights": "onnx"}
     d = checkpoint.describe(checkpoint.read(path))
     return {
         "cell": d["cell"], "embed_size": d["embed_size"], "hidden_size": d["hidden_size"],
@@ -77,10 +83,8 @@ def load_models(named: list[tuple[str, Path]], device: str = "auto") -> list[Ser
             raise ConfigError(f"two models are named {name!r} ({seen[name]} and {path}); "
                               "name them with --model NAME=PATH")
         seen[name] = path
-        if Path(path).suffix.lower() == ".onnx":
-            raise CharlmError(f"{path} is an ONNX export; charlm serve needs the .pt checkpoint "
-                              "or a .safetensors export")
-        lm = load(path, device)
+        onnx = Path(path).suffix.lower() == ".onnx"
+        lm = load(path, "cpu" if onnx and device == "auto" else device)
         served.append(Served(name, Path(path), lm, card_of(Path(path), lm)))
     if not served:
         raise ConfigError("no model to serve; pass a run directory or a checkpoint")
