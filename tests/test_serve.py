@@ -218,7 +218,7 @@ def _error(response, status: int, *needles: str) -> dict:
     (json.dumps({"model": MODEL, "stream": "yes"}).encode(), 400, "true or false", "stream"),
     (json.dumps({"model": MODEL, "prompt": "x" * 9000}).encode(), 400, "at most 8,192", "prompt"),
     (json.dumps({"model": MODEL, "logprobs": 5}).encode(), 400, "not supported", "logprobs"),
-])
+], ids=lambda v: v.decode("latin-1")[:40] if isinstance(v, bytes) else None)
 def test_bad_requests_are_openai_json_errors(server, body, status, needle, param):
     r = httpx.post(server.url + "/v1/completions", content=body, timeout=30,
                    headers={"Content-Type": "application/json"})
