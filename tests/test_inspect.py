@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SAMPLE_TEXT, assert_clean_error, run_charlm, run_cli
 from torch import nn
 
 from charlm.config import Config, ModelConfig
 from charlm.data.vocab import Vocab
-from charlm.model.network import CharRNN, build_model
+from charlm.model.network import CharRNN
 from charlm.storage import checkpoint
-from conftest import SAMPLE_TEXT, assert_clean_error, run_charlm, run_cli
 
 HOSTILE = "</script><script>alert(1)</script><img src=x onerror=alert(3)>"
 HOSTILE_RUN = "<img src=x onerror=alert(2)>&amp;<script>alert(4)<"  # a directory name: no '/'
@@ -141,7 +141,8 @@ def test_feature_finder_finds_a_planted_unit():
         corr.add(acts[s : s + 700], feats[s : s + 700])
     found = {name: (unit, r) for name, unit, r in best_units(corr.correlations())}
     assert found["line_position"][0] == 17
-    assert found["line_position"][1] == pytest.approx(np.corrcoef(acts[:, 17], feats[:, line])[0, 1], abs=1e-9)
+    r = np.corrcoef(acts[:, 17], feats[:, line])[0, 1]
+    assert found["line_position"][1] == pytest.approx(r, abs=1e-9)
     assert found["line_position"][1] > 0.8
     assert found["upper_case"][0] == 3 and found["upper_case"][1] < -0.4
     assert "digit" not in found and "in_quotes" not in found  # constant over this text
@@ -194,7 +195,8 @@ def test_memory_curve_unlimited_is_evaluation_and_k_cuts_the_context(inspected):
     # A text shorter than every cut: each k reads all there is, so the curve is flat.
     short = ids[:300]
     flat = memory.curve(model, short, full[:299], memory.positions(300))
-    assert {round(p["loss"], 6) for p in flat if p["k"] and p["k"] >= 512} == {round(flat[-1]["loss"], 6)}
+    long_cuts = {round(p["loss"], 6) for p in flat if p["k"] and p["k"] >= 512}
+    assert long_cuts == {round(flat[-1]["loss"], 6)}
 
 
 def test_surprise_top_predictions_and_gates(inspected):
@@ -211,9 +213,11 @@ def test_surprise_top_predictions_and_gates(inspected):
     worst = d["surprising"][0]
     assert len(d["surprising"]) == 20 and worst["bits"] == pytest.approx(max(page["bits"]), abs=0.01)
     assert text[worst["position"]] == worst["char"]
-    assert {(g["layer"], g["gate"]) for g in d["gates"]} == {(k, g) for k in (0, 1) for g in ("reset", "update")}
+    pairs = {(k, g) for k in (0, 1) for g in ("reset", "update")}
+    assert {(g["layer"], g["gate"]) for g in d["gates"]} == pairs
     for g in d["gates"]:
-        assert len(g["left"]) == 24 and all(0 <= a + b <= 1 for a, b in zip(g["left"], g["right"], strict=True))
+        assert len(g["left"]) == 24
+        assert all(0 <= a + b <= 1 for a, b in zip(g["left"], g["right"], strict=True))
     assert [x["gate"] for x in d["gate_distribution"]] == ["update", "update"]
     assert sum(d["gate_distribution"][0]["counts"]) == 24 * len(text)
     assert {u["kind"] for u in d["units"]} == {"h"} and {u["layer"] for u in d["units"]} == {0, 1}
@@ -246,7 +250,8 @@ def test_page_escapes_the_text_and_the_run(tmp_path):
 
     text = (HOSTILE + "\n" + SAMPLE_TEXT[:300]) * 3
     vocab = Vocab.from_text(text)
-    ckpt = save_checkpoint(tmp_path / HOSTILE_RUN / "best.pt", random_model("lstm", 1, len(vocab)), vocab)
+    model = random_model("lstm", 1, len(vocab))
+    ckpt = save_checkpoint(tmp_path / HOSTILE_RUN / "best.pt", model, vocab)
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     r = inspect_checkpoint(ckpt, tmp_path / "t.txt")
     assert r.document["run"] == HOSTILE_RUN
@@ -378,9 +383,11 @@ def test_page_in_a_browser(tmp_path):
     try:
         driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
             window.__dialogs = [];
-            for (const name of ['alert', 'confirm', 'prompt']) window[name] = (m) => window.__dialogs.push(m);
+            for (const name of ['alert', 'confirm', 'prompt'])
+              window[name] = (m) => window.__dialogs.push(m);
             window.__violations = [];
-            document.addEventListener('securitypolicyviolation', (e) => window.__violations.push(e.violatedDirective));
+            document.addEventListener('securitypolicyviolation',
+              (e) => window.__violations.push(e.violatedDirective));
         """})
         driver.get(path.resolve().as_uri())
         spans = driver.find_elements(By.CSS_SELECTOR, "#surprise span")
@@ -410,7 +417,8 @@ def test_page_in_a_browser(tmp_path):
         assert driver.execute_script("return window.__violations") == []
         assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
         sent = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
-        requests = [m["params"]["request"]["url"] for m in sent if m["method"] == "Network.requestWillBeSent"]
+        requests = [m["params"]["request"]["url"] for m in sent
+                    if m["method"] == "Network.requestWillBeSent"]
         assert all(u.startswith("file://") for u in requests), requests
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []

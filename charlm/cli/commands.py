@@ -677,8 +677,8 @@ def _bench_rows(cfg, r) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------- inspect
 @app.command("inspect")
 def inspect_(
-    target: Annotated[Path | None, typer.Argument(metavar="[RUN_OR_CHECKPOINT]", help="A run directory (its best.pt), a checkpoint or a .safetensors export (default: the newest run under runs/).")] = None,
-    text: Annotated[Path | None, typer.Argument(metavar="[TEXT]", help="Text file to inspect on (default: the run's validation split).")] = None,
+    target: Annotated[Path | None, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run directory (its best.pt), a checkpoint or a .safetensors export (default: the newest run under runs/).")] = None,
+    text: Annotated[Path | None, typer.Argument(metavar="TEXT", help="Text file to inspect on (default: the run's validation split).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="The page to write (one self-contained HTML file).")] = Path("inspect.html"),
     chars: Annotated[int, typer.Option(help="Inspect the first N characters of the text (at most 200,000).")] = 5000,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file that is not an inspect page.")] = False,

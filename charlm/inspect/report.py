@@ -50,6 +50,17 @@ def _num(x: float, digits: int = 3) -> str:
 
 
 # ------------------------------------------------------------------------------ figures
+def _text(x: float, y: float, body: str, cls: str = "tick", anchor: str = "middle",
+          transform: str = "") -> str:
+    """An SVG text element; ``body`` is already escaped."""
+    where = f'transform="{transform}"' if transform else f'x="{x:.1f}" y="{y:.1f}"'
+    return f'<text {where} class="{cls}" text-anchor="{anchor}">{body}</text>'
+
+
+def _frame(x: float, y: float, w: float, h: float) -> str:
+    return f'<rect x="{x}" y="{y}" width="{w}" height="{h}" class="frame"/>'
+
+
 def _scatter(points: list[tuple[float, float, str]], title: str, legend: list[tuple[str, str]]) -> str:
     W = H = 300
     m = 40
@@ -63,15 +74,17 @@ def _scatter(points: list[tuple[float, float, str]], title: str, legend: list[tu
 
     parts = [f'<svg class="fig" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
              f'aria-label="{_e(title)}">',
-             f'<rect x="{m}" y="10" width="{span}" height="{span}" class="frame"/>']
+             _frame(m, 10, span, span)]
     for v in (0, 0.5, 1):
-        parts.append(f'<text x="{X(v):.0f}" y="{H - m + 14}" class="tick" text-anchor="middle">{v:g}</text>')
-        parts.append(f'<text x="{m - 4}" y="{Y(v) + 4:.0f}" class="tick" text-anchor="end">{v:g}</text>')
+        parts.append(_text(X(v), H - m + 14, f"{v:g}"))
+        parts.append(_text(m - 4, Y(v) + 4, f"{v:g}", anchor="end"))
     parts.append(f'<line x1="{X(0)}" y1="{Y(1)}" x2="{X(1)}" y2="{Y(0)}" class="diag"/>')
     for x, y, color in points:
-        parts.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{color}" fill-opacity="0.6"/>')
-    parts.append(f'<text x="{m + span / 2}" y="{H - 6}" class="label" text-anchor="middle">fraction left-saturated (&lt; 0.1)</text>')
-    parts.append(f'<text transform="translate(11 {10 + span / 2}) rotate(-90)" class="label" text-anchor="middle">fraction right-saturated (&gt; 0.9)</text>')
+        parts.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{color}" '
+                     'fill-opacity="0.6"/>')
+    parts.append(_text(m + span / 2, H - 6, "fraction left-saturated (&lt; 0.1)", "label"))
+    parts.append(_text(0, 0, "fraction right-saturated (&gt; 0.9)", "label",
+                       transform=f"translate(11 {10 + span / 2}) rotate(-90)"))
     for i, (name, color) in enumerate(legend):
         parts.append(f'<circle cx="{X(0.62)}" cy="{22 + 14 * i}" r="4" fill="{color}"/>'
                      f'<text x="{X(0.62) + 8}" y="{26 + 14 * i}" class="tick">{_e(name)}</text>')
@@ -85,14 +98,14 @@ def _histogram(counts: list[int], title: str) -> str:
     top = max(max(counts), 1)
     bw = span_x / len(counts)
     parts = [f'<svg class="fig" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
-             f'aria-label="{_e(title)}">', f'<rect x="{m}" y="10" width="{span_x}" height="{span_y}" class="frame"/>']
+             f'aria-label="{_e(title)}">', _frame(m, 10, span_x, span_y)]
     for i, c in enumerate(counts):
         h = span_y * c / top
         parts.append(f'<rect x="{m + i * bw + 1:.1f}" y="{10 + span_y - h:.1f}" width="{bw - 2:.1f}" '
                      f'height="{h:.1f}" class="bar"><title>{c:,}</title></rect>')
     for v in (0, 0.5, 1):
-        parts.append(f'<text x="{m + v * span_x:.0f}" y="{H - m + 14}" class="tick" text-anchor="middle">{v:g}</text>')
-    parts.append(f'<text x="{m + span_x / 2}" y="{H - 6}" class="label" text-anchor="middle">{_e(title)}</text>')
+        parts.append(_text(m + v * span_x, H - m + 14, f"{v:g}"))
+    parts.append(_text(m + span_x / 2, H - 6, _e(title), "label"))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -115,17 +128,19 @@ def _memory_figure(points: list[dict]) -> str:
         return 20 + span_y * (hi - v) / (hi - lo)
 
     parts = [f'<svg class="fig" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
-             'aria-label="memory curve">', f'<rect x="{m}" y="20" width="{span_x}" height="{span_y}" class="frame"/>']
-    parts.append(f'<line x1="{m}" x2="{m + span_x}" y1="{Y(unlimited):.1f}" y2="{Y(unlimited):.1f}" class="diag"/>')
-    path = " ".join(f"{'M' if i == 0 else 'L'}{X(i):.1f},{Y(p['loss']):.1f}" for i, p in enumerate(finite))
+             'aria-label="memory curve">', _frame(m, 20, span_x, span_y)]
+    y_all = Y(unlimited)
+    parts.append(f'<line x1="{m}" x2="{m + span_x}" y1="{y_all:.1f}" y2="{y_all:.1f}" class="diag"/>')
+    path = " ".join(f"{'M' if i == 0 else 'L'}{X(i):.1f},{Y(p['loss']):.1f}"
+                    for i, p in enumerate(finite))
     parts.append(f'<path d="{path}" class="line"/>')
     for i, p in enumerate([*finite, {"k": None, "loss": unlimited}]):
         label = "all" if p["k"] is None else str(p["k"])
         parts.append(f'<circle cx="{X(i):.1f}" cy="{Y(p["loss"]):.1f}" r="3.5" class="dot">'
                      f'<title>k = {label}: {p["loss"]:.4f} nats</title></circle>')
-        parts.append(f'<text x="{X(i):.1f}" y="{H - m + 34}" class="tick" text-anchor="middle">{label}</text>')
+        parts.append(_text(X(i), H - m + 34, label))
     for v in (lo + pad, (lo + hi) / 2, hi - pad):
-        parts.append(f'<text x="{m - 4}" y="{Y(v) + 4:.1f}" class="tick" text-anchor="end">{v:.2f}</text>')
+        parts.append(_text(m - 4, Y(v) + 4, f"{v:.2f}", anchor="end"))
     parts.append(f'<text x="{m + span_x / 2}" y="{H - 2}" class="label" text-anchor="middle">'
                  'characters of context kept (k; "all": the whole text before)</text>')
     parts.append(f'<text transform="translate(12 {20 + span_y / 2}) rotate(-90)" class="label" '
@@ -136,17 +151,24 @@ def _memory_figure(points: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------ the page
 STYLE = """
-body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:1em 2em;color:#222;background:#fff}
+body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:1em 2em;
+color:#222;background:#fff}
 h1{font-size:1.4em;margin:.2em 0}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
 .meta{color:#555}.note{color:#555;font-size:.92em;max-width:60em}
-table{border-collapse:collapse;margin:.5em 0}td,th{padding:2px 10px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:.5em 0}
+td,th{padding:2px 10px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
-.text{font:13px/1.5 ui-monospace,monospace;white-space:pre-wrap;word-break:break-all;border:1px solid #ddd;padding:8px;max-height:32em;overflow:auto}
+.text{font:13px/1.5 ui-monospace,monospace;white-space:pre-wrap;word-break:break-all;
+border:1px solid #ddd;padding:8px;max-height:32em;overflow:auto}
 .text span{cursor:default}.mark{background:#fdd;font-weight:bold}
 code.ctx{white-space:pre;font:12px ui-monospace,monospace}
-#tip{position:fixed;display:none;background:#fff;border:1px solid #888;padding:6px 8px;font:12px ui-monospace,monospace;box-shadow:0 2px 6px #0003;pointer-events:none;white-space:pre;z-index:9}
-.fig{margin:4px 12px 4px 0}.frame{fill:none;stroke:#999}.tick{font-size:10px;fill:#444}.label{font-size:11px;fill:#222}
-.diag{stroke:#bbb;stroke-dasharray:4 3}.bar{fill:#dc322f;fill-opacity:.7}.line{fill:none;stroke:#268bd2;stroke-width:2}.dot{fill:#268bd2}
+#tip{position:fixed;display:none;background:#fff;border:1px solid #888;padding:6px 8px;
+font:12px ui-monospace,monospace;box-shadow:0 2px 6px #0003;pointer-events:none;
+white-space:pre;z-index:9}
+.fig{margin:4px 12px 4px 0}.frame{fill:none;stroke:#999}.tick{font-size:10px;fill:#444}
+.label{font-size:11px;fill:#222}
+.diag{stroke:#bbb;stroke-dasharray:4 3}.bar{fill:#dc322f;fill-opacity:.7}
+.line{fill:none;stroke:#268bd2;stroke-width:2}.dot{fill:#268bd2}
 tr.pick{cursor:pointer}tr.pick:hover{background:#eef}.figs{display:flex;flex-wrap:wrap}
 """
 
@@ -157,7 +179,11 @@ var D = JSON.parse(document.getElementById("data").textContent);
 var tip = document.getElementById("tip");
 function show(c){ return c === "\n" ? "\u21b5\n" : c === "\t" ? "\u21e5\t" : c; }
 function name(c){ return c === "\n" ? "\\n" : c === "\t" ? "\\t" : c === " " ? "space" : c; }
-function bytes(s){ var a = atob(s), u = new Uint8Array(a.length); for (var i = 0; i < a.length; i++) u[i] = a.charCodeAt(i); return u; }
+function bytes(s){
+  var a = atob(s), u = new Uint8Array(a.length);
+  for (var i = 0; i < a.length; i++) u[i] = a.charCodeAt(i);
+  return u;
+}
 function fill(el, n, color){
   var frag = document.createDocumentFragment();
   for (var i = 0; i < n; i++){
@@ -187,9 +213,13 @@ surprise.addEventListener("mousemove", function(ev){
   if (i === 0) lines.push("the first character: no prediction");
   else {
     var p = 0, ids = D.top_ids[i - 1], ps = D.top_p[i - 1];
-    lines.push("actual " + JSON.stringify(name(chars[i])) + ": " + D.bits[i - 1].toFixed(2) + " bits (p = " + Math.pow(2, -D.bits[i - 1]).toFixed(3) + ")");
+    var b = D.bits[i - 1];
+    lines.push("actual " + JSON.stringify(name(chars[i])) + ": " + b.toFixed(2) +
+               " bits (p = " + Math.pow(2, -b).toFixed(3) + ")");
     lines.push("most likely next:");
-    for (var k = 0; k < ids.length; k++) if (ps[k] > 0) lines.push("  " + JSON.stringify(name(D.vocab[ids[k]])) + "  " + ps[k].toFixed(3));
+    for (var k = 0; k < ids.length; k++) {
+      if (ps[k] > 0) lines.push("  " + JSON.stringify(name(D.vocab[ids[k]])) + "  " + ps[k].toFixed(3));
+    }
   }
   tip.textContent = lines.join("\n");
   tip.style.display = "block";
@@ -201,28 +231,36 @@ surprise.addEventListener("mouseleave", function(){ tip.style.display = "none"; 
 var cells = document.getElementById("cells");
 if (cells) {
   var decoded = {};
-  var layer = document.getElementById("layer"), kind = document.getElementById("kind"), unit = document.getElementById("unit");
+  var layer = document.getElementById("layer"), kind = document.getElementById("kind");
+  var unit = document.getElementById("unit");
   var info = document.getElementById("unit-info");
   var draw = function(){
-    var key = layer.value + kind.value, H = D.hidden, u = Math.max(0, Math.min(H - 1, Math.floor(+unit.value || 0)));
+    var key = layer.value + kind.value, H = D.hidden;
+    var u = Math.max(0, Math.min(H - 1, Math.floor(+unit.value || 0)));
     unit.value = u;
     if (!decoded[key]) decoded[key] = bytes(D.units[key]);
     var q = decoded[key];
     fill(cells, D.unit_chars, function(i){
       var v = q[i * H + u] / 127 - 1;
-      return v >= 0 ? "rgba(220,50,47," + v.toFixed(3) + ")" : "rgba(38,139,210," + (-v).toFixed(3) + ")";
+      return v >= 0 ? "rgba(220,50,47," + v.toFixed(3) + ")"
+                    : "rgba(38,139,210," + (-v).toFixed(3) + ")";
     });
     var r = D.r[key], parts = [];
     for (var f = 0; f < D.features.length; f++) parts.push(D.features[f] + " " + r[f][u].toFixed(2));
-    info.textContent = "layer " + layer.value + " " + kind.value + "[" + u + "]: r = " + parts.join(", ");
+    info.textContent = "layer " + layer.value + " " + kind.value + "[" + u + "]: r = " +
+                       parts.join(", ");
     cells.dataset.unit = key + ":" + u;
   };
-  document.getElementById("pick").addEventListener("submit", function(ev){ ev.preventDefault(); draw(); });
+  document.getElementById("pick").addEventListener("submit", function(ev){
+    ev.preventDefault();
+    draw();
+  });
   layer.addEventListener("change", draw); kind.addEventListener("change", draw);
   if (D.first) { layer.value = D.first[0]; kind.value = D.first[1]; unit.value = D.first[2]; }
   Array.prototype.forEach.call(document.querySelectorAll("tr.pick"), function(tr){
     tr.addEventListener("click", function(){
-      layer.value = tr.dataset.layer; kind.value = tr.dataset.kind; unit.value = tr.dataset.index; draw();
+      layer.value = tr.dataset.layer; kind.value = tr.dataset.kind; unit.value = tr.dataset.index;
+      draw();
     });
   });
   draw();
@@ -265,7 +303,8 @@ def render(document: dict, page: dict) -> str:
     for name in CLASSES:
         if name in d["by_class"]:
             c = d["by_class"][name]
-            add(f'<tr><td>{name}</td><td class="n">{c["chars"]:,}</td><td class="n">{c["bits_per_char"]:.3f}</td></tr>')
+            add(f'<tr><td>{name}</td><td class="n">{c["chars"]:,}</td>'
+                f'<td class="n">{c["bits_per_char"]:.3f}</td></tr>')
     add("</table>")
     shown = len(page["text"])
     more = f" (the first {shown:,} of {d['chars']:,})" if shown < d["chars"] else ""
@@ -336,8 +375,9 @@ def render(document: dict, page: dict) -> str:
         f'text before them ("all", the normal evaluation). Context beyond 64 characters is worth '
         f'<b>{_num(gain, 4)} nats/char</b> here.</p>')
     add(_memory_figure(d["memory"]))
-    add("<table><tr><th>k</th>" + "".join(f"<th>{'all' if p['k'] is None else p['k']}</th>" for p in d["memory"])
-        + "</tr><tr><td>nats</td>" + "".join(f'<td class="n">{p["loss"]:.3f}</td>' for p in d["memory"]) + "</tr></table>")
+    heads = "".join(f"<th>{'all' if p['k'] is None else p['k']}</th>" for p in d["memory"])
+    cells = "".join(f'<td class="n">{p["loss"]:.3f}</td>' for p in d["memory"])
+    add(f"<table><tr><th>k</th>{heads}</tr><tr><td>nats</td>{cells}</tr></table>")
     add(f'<script id="data" type="application/json">{_json_block(data)}</script>')
     add(f"<script>{SCRIPT}</script></body></html>\n")
     return "".join(h)
