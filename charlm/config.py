@@ -331,6 +331,13 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any],
     return {BY_NAME[name].key for name in overrides}
 
 
+def layered(path: str | Path | None, options: dict[str, Any], sets: list[str] = ()) -> Config:
+    """A command's config: the TOML file at ``path`` (or the defaults), the typed options over
+    it, then the ``--set`` strings; validated, a bad value named by the option that set it."""
+    cfg = load_toml(path) if path is not None else Config()
+    return validate(cfg, apply_options(cfg, options, sets))
+
+
 # The largest config file read: a real one is a few hundred bytes.
 MAX_CONFIG_BYTES = 1 << 20
 

@@ -227,6 +227,14 @@ def read(path: str | Path) -> dict[str, Any]:
     return load(path)
 
 
+def describe_file(path: str | Path) -> dict[str, Any]:
+    """``charlm info``: :func:`describe` of the checkpoint (or export) at ``path``, its
+    weights checked first so that the numbers describe real weights."""
+    ckpt = read(path)
+    check_weights(ckpt)
+    return describe(ckpt)
+
+
 def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
     """What ``charlm info`` shows about a checkpoint read by :func:`read`, as plain values
     (None where the file does not say: an export has no training state)."""
