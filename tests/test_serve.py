@@ -238,6 +238,14 @@ def test_unknown_characters_named_or_dropped_and_unknown_routes(server):
     assert not any("Traceback" in line for line in server.lines), server.lines
 
 
+def test_a_name_rebound_to_127_0_0_1_is_refused(server):
+    port = server.url.rsplit(":", 1)[1]
+    _error(httpx.get(server.url + "/v1/models", headers={"Host": f"evil.example:{port}"},
+                     timeout=10), 400, "127.0.0.1")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert httpx.get(server.url + "/health", headers={"Host": host}, timeout=10).status_code == 200
+
+
 def test_key_body_size_and_busy(guarded):
     url = guarded.url
     _error(httpx.get(url + "/v1/models", timeout=10), 401, "API key")
@@ -285,7 +293,7 @@ def test_disconnect_of_a_plain_request_frees_its_slot(guarded):
     host, port = guarded.url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "All", "max_tokens": 90000}).encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Authorization: " + auth["Authorization"].encode() +
                      b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.monotonic() + 10

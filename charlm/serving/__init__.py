@@ -75,6 +75,7 @@ def serve(paths: list[os.PathLike | str], named: list[str] | None = None, *,
     try:
         server = app.Server(served, limits, key, log)
         bound = sock.getsockname()[0]
+        server.loopback_only = bound.startswith("127.") or bound == "::1"
         if on_start is not None:
             on_start(Started(app.url_of(sock), {s.name: s.path for s in served}, limits,
                              bound in ("0.0.0.0", "::"), key is not None))

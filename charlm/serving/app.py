@@ -246,6 +246,9 @@ class Server:
         self.api_key = api_key.encode() if api_key else None
         self.batchers: dict[str, Batcher] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Bound to a loopback address: only requests that name it (or localhost) are served,
+        # so a web page cannot reach the server through a DNS name rebound to 127.0.0.1.
+        self.loopback_only = False
         self.created = int(time.time())
 
     # lifespan
@@ -564,6 +567,13 @@ class Guard:
         started = time.perf_counter()
         scope.setdefault("state", {})
         status = {"code": 0}
+        if self.server.loopback_only and not _loopback_host(scope):
+            response = JSONResponse(error_body(400, "this server answers only requests to "
+                                               "127.0.0.1, [::1] or localhost (it was started "
+                                               "without --host)", None, "bad_host"), 400)
+            await response(scope, receive, send)
+            self._access(scope, 400, time.perf_counter() - started)
+            return
 
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":
@@ -599,6 +609,15 @@ class Guard:
         self.server.log(f'INFO:     {client[0]}:{client[1]} - "{scope.get("method", "")} {path} '
                         f'HTTP/{scope.get("http_version", "1.1")}" {code or 499} '
                         f"{chars} chars {seconds:.3f}s")
+
+
+def _loopback_host(scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"host":
+            host = value.decode("latin-1").lower()
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            return host in ("127.0.0.1", "localhost", "[::1]") or host.startswith("127.")
+    return True  # HTTP/1.0 without a Host header: not a browser's request
 
 
 def build_app(server: Server):
