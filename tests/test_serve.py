@@ -293,9 +293,10 @@ def test_disconnect_of_a_plain_request_frees_its_slot(guarded):
     host, port = guarded.url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "All", "max_tokens": 90000}).encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Authorization: " + auth["Authorization"].encode() +
-                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        head = ("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\nAuthorization: " + auth["Authorization"]
+                + f"\r\nContent-Length: {len(body)}\r\n\r\n")
+        sock.sendall(head.encode() + body)
         deadline = time.monotonic() + 10
         while httpx.get(guarded.url + "/health", timeout=10).json()["streams"][MODEL]["running"] == 0:
             assert time.monotonic() < deadline
