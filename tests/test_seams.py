@@ -110,11 +110,12 @@ def test_cli_help_lists_the_cells_from_the_table():
 
 
 def test_typed_options_set_the_config_fields_directly():
-    from charlm.cli.commands import _apply_options
+    # The typed options of charlm train, as the CLI passes them to the library (one dict).
+    from charlm.config import apply_options
 
     cfg = Config()
-    sources = _apply_options(cfg, ["train.lr=0.5"], seq_len=48, cell="gru", dropout=0.25,
-                             encoding="latin-1", lr=0.1, tensorboard=True, batch_size=None)
+    sources = apply_options(cfg, dict(seq_len=48, cell="gru", dropout=0.25, encoding="latin-1",
+                                      lr=0.1, tensorboard=True, batch_size=None), ["train.lr=0.5"])
     assert (cfg.train.seq_len, cfg.model.cell, cfg.model.dropout) == (48, "gru", 0.25)
     assert cfg.data.encoding == "latin-1" and cfg.train.tensorboard is True
     assert cfg.train.lr == 0.5  # --set is applied over the options
@@ -124,14 +125,14 @@ def test_typed_options_set_the_config_fields_directly():
 
 
 def test_a_wrong_option_value_names_the_option():
-    from charlm.cli.commands import _apply_options
+    from charlm.config import apply_options
 
     cfg = Config()
-    sources = _apply_options(cfg, [], seq_len=0)
+    sources = apply_options(cfg, dict(seq_len=0), [])
     with pytest.raises(ConfigError, match=r"^--seq-len: train\.seq_len must be in \[1, 1048576\]"):
         validate(cfg, sources)
     with pytest.raises(ConfigError, match=r"--seq-len \(train\.seq_len\) must be int"):
-        _apply_options(Config(), [], seq_len="64")
+        apply_options(Config(), dict(seq_len="64"), [])
     bad = Config()
     bad.train.seq_len = 0  # from a config file or --set: no option to name
     with pytest.raises(ConfigError, match=r"^train\.seq_len must be in"):

@@ -17,12 +17,15 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from charlm.config import Config, apply_options, apply_overrides, load_toml, validate
 from charlm.errors import CharlmError, ConfigError, printable
 from charlm.training.distributed import Dist
 from charlm.training.dry_run import DryRun
+
+if TYPE_CHECKING:
+    from charlm.training.setup import TrainResult
 
 
 @dataclass
@@ -49,7 +52,9 @@ class TrainRequest:
 
 
 @dataclass
-class _Resolved:
+class Resolved:
+    """A request resolved: what :func:`charlm.training.setup.train` is called with."""
+
     file: Path
     cfg: Config
     out_dir: Path | None  # a resumed run's own directory unless --out names another
@@ -68,7 +73,7 @@ def _log(text: str, minor: bool = False) -> None:
 
 
 def execute(request: TrainRequest, dist: Dist | None = None,
-            on_note: OnNote | None = None) -> DryRun | Any:
+            on_note: OnNote | None = None) -> TrainResult | DryRun | None:
     """Resolve ``request`` and train (a :class:`TrainResult`), or with ``dry_run`` return what
     would be trained (a :class:`DryRun`; None on the processes other than rank 0)."""
     from charlm.training import setup  # looked up at the call: tests replace setup.train
@@ -99,11 +104,11 @@ def check_combinations(request: TrainRequest) -> None:
                           "(a new run's vocabulary is built from its text)")
     if q.grow_vocab and (not q.init_from or q.drop_unknown):
         raise ConfigError("--grow-vocab only applies with --init-from, and not with --drop-unknown")
-    if q.no_samples and (q.options.get("sample_every") or q.overrides.get("sample_every")):
+    if q.no_samples and q.options.get("sample_every"):
         raise ConfigError("--no-samples and --sample-every cannot be used together")
 
 
-def resolve(request: TrainRequest, dist: Dist, say: OnNote) -> _Resolved:
+def resolve(request: TrainRequest, dist: Dist, say: OnNote) -> Resolved:
     """Everything decided before training, in the order the command has always done it (so
     that of two mistakes the same one is reported)."""
     from charlm.data.corpus import default_corpus
@@ -156,7 +161,7 @@ def resolve(request: TrainRequest, dist: Dist, say: OnNote) -> _Resolved:
         raise ConfigError(f"--stop-at-step must be >= 0; got {request.stop_at_step}")
     if request.grow_vocab:
         init_ckpt = _grow(init_ckpt, file, cfg, dist, say)
-    return _Resolved(file, cfg, out_dir, resume_ckpt, init_ckpt, keep)
+    return Resolved(file, cfg, out_dir, resume_ckpt, init_ckpt, keep)
 
 
 def _recorded_file(ckpt: dict[str, Any], resume: Path) -> Path:
