@@ -337,6 +337,8 @@ def test_command_errors(tiny_run, tmp_path):
     assert inspect_err.stderr.strip() == eval_err.stderr.strip()
     proc = run_cli("inspect", tiny_run, tmp_path / "missing.txt", "-o", tmp_path / "p.html")
     assert_clean_error(proc, "missing.txt")
+    proc = run_charlm("inspect", "-o", tmp_path / "p.html", cwd=tmp_path)  # no runs/ here
+    assert_clean_error(proc, "no checkpoint found", "charlm inspect RUN_OR_CHECKPOINT")
     proc = run_cli("inspect", tiny_run, text, "-o", tmp_path / "no" / "p.html")
     assert_clean_error(proc, "does not exist")
     assert proc.returncode == 2

@@ -692,7 +692,11 @@ def inspect_(
     if target is None:
         from charlm.runs.directory import latest_checkpoint
 
-        target = latest_checkpoint()
+        try:
+            target = latest_checkpoint()
+        except CharlmError as exc:  # its hint names sample's --checkpoint
+            raise CharlmError(f"{str(exc).split(';')[0]}; name a run or checkpoint: "
+                              "charlm inspect RUN_OR_CHECKPOINT") from None
         err.print(f"using {_literal(target)}", style="dim")
     else:
         target = _checkpoint(target)
