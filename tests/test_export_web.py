@@ -325,6 +325,18 @@ def test_a_checkpoint_never_evaluated_exports(tmp_path):
     assert web_export.describe_page(tmp_path / "run" / "last.html")["best_val_loss"] is None
 
 
+def test_weights_beyond_fp16_are_a_one_line_error(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt", "rnn", 1)
+    raw = torch.load(ckpt, weights_only=True)
+    raw["model"]["head.weight"][0, 0] = 1e6
+    checkpoint.save(ckpt, raw)
+    proc = run_cli("export", ckpt, "--format", "html", "-o", tmp_path / "m.html")
+    assert_clean_error(proc, "head.weight", "fp16's range", "--quantize int8")
+    assert not (tmp_path / "m.html").exists()
+    assert run_cli("export", ckpt, "--format", "html", "--quantize", "int8", "-o",
+                   tmp_path / "m.html").returncode == 0
+
+
 def test_size_bound_is_a_one_line_error(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt", "lstm", 1)
     params = sum(t.numel() for t in checkpoint.read(ckpt)["model"].values())

@@ -241,8 +241,13 @@ def build_page(ckpt: dict[str, Any], run: str, quantize: str) -> tuple[str, dict
     vocab = checkpoint.vocab_of(ckpt)
     model = checkpoint.model_of(ckpt)  # checks the weights against the config
     state = {k: v for k, v in model.state_dict().items()}
-    table, blob = pack(state, quantize)
     rounded = rounded_state_dict(state, quantize)
+    for name, t in rounded.items():
+        if not bool(torch.isfinite(t).all()):
+            why = ("beyond fp16's range (|w| > 65504); use --quantize int8 or none"
+                   if bool(torch.isfinite(state[name]).all()) else "not finite (NaN or inf)")
+            raise CharlmError(f"cannot export {name} as a web page: its weights are {why}")
+    table, blob = pack(state, quantize)
     decoded = unpack(table, blob)
     for name, want in rounded.items():  # the bytes decode to exactly the weights checked
         if not torch.equal(decoded[name], want):
