@@ -41,16 +41,27 @@ def pick(
     depends on the other rows of the batch."""
     B, V = logits.shape
     device = logits.device
-    argmax = logits.argmax(dim=-1)
-    temp = _rows(temperature, B, torch.float64, device)
-    greedy = (temp == 0).squeeze(-1)  # (B,)
-    if bool(greedy.all()):
-        return argmax
+    greedy = None  # rows of temperature 0 (a per-row temperature only)
     z = logits.double()
-    z = (z - z.max(dim=-1, keepdim=True).values) / temp.masked_fill(temp == 0, 1.0)
-    k_on = bool((top_k > 0).any()) if isinstance(top_k, torch.Tensor) else 0 < top_k < V
+    if isinstance(temperature, torch.Tensor):
+        temp = temperature.to(device=device, dtype=torch.float64).reshape(B, 1)
+        greedy = (temp == 0).squeeze(-1)  # (B,)
+        if bool(greedy.all()):
+            return logits.argmax(dim=-1)
+        temp = temp.masked_fill(temp == 0, 1.0)
+    elif temperature == 0:
+        return logits.argmax(dim=-1)
+    else:
+        temp = float(temperature)
+    # (the same float64 division for a number and for a row of numbers: same values)
+    z = (z - z.max(dim=-1, keepdim=True).values) / temp
+    k_rows = isinstance(top_k, torch.Tensor)
+    k_on = bool((top_k > 0).any()) if k_rows else 0 < top_k < V
     p_on = bool((top_p < 1).any()) if isinstance(top_p, torch.Tensor) else top_p < 1.0
-    if k_on or p_on:
+    if k_on and not p_on and not k_rows:  # the k-th largest value, without a full sort
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        z = z.masked_fill(z < kth, float("-inf"))
+    elif k_on or p_on:
         sorted_z, order = torch.sort(z, dim=-1, descending=True, stable=True)
         if k_on:
             k = _rows(top_k, B, torch.long, device)
@@ -73,7 +84,7 @@ def pick(
     # Inverse CDF: the first id whose cumulative probability exceeds u (``right``: ids of
     # probability 0 are never picked, even for u = 0).
     picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=V - 1)
-    return torch.where(greedy, argmax, picked)
+    return picked if greedy is None else torch.where(greedy, logits.argmax(dim=-1), picked)
 
 
 def repeat_state(state: State, n: int) -> State:
