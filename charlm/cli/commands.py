@@ -729,7 +729,7 @@ def inspect_(
 # ---------------------------------------------------------------------------------- serve
 @app.command()
 def serve(
-    targets: Annotated[list[Path] | None, typer.Argument(metavar="[RUN_OR_CHECKPOINT]...", help="Run directories (their best.pt), checkpoints or .safetensors exports, each served under its run's (or file's) name (default: the newest run under runs/).")] = None,
+    targets: Annotated[list[Path] | None, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="Run directories (their best.pt), checkpoints, .safetensors or .onnx exports, each served under its run's (or file's) name (default: the newest run under runs/).")] = None,
     model: Annotated[list[str] | None, typer.Option("--model", "-m", metavar="NAME=PATH", help="Serve a model under a name of your choice (repeatable).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
