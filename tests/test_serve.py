@@ -246,6 +246,17 @@ def test_a_name_rebound_to_127_0_0_1_is_refused(server):
         assert httpx.get(server.url + "/health", headers={"Host": host}, timeout=10).status_code == 200
 
 
+def test_every_interface_is_said_and_names_are_not_checked(tiny_run):
+    s = Served(tiny_run, "--host", "0.0.0.0", "--quiet")
+    try:
+        s.wait_for(r"warning: listening on every interface .*--api-key", 10)
+        port = s.url.rsplit(":", 1)[1]
+        r = httpx.get(s.url + "/health", headers={"Host": f"box.example:{port}"}, timeout=10)
+        assert r.status_code == 200
+    finally:
+        assert s.stop() == 0, s.lines
+
+
 def test_key_body_size_and_busy(guarded):
     url = guarded.url
     _error(httpx.get(url + "/v1/models", timeout=10), 401, "API key")
