@@ -367,6 +367,8 @@ def test_bad_options_and_busy_port_are_one_line_errors(tiny_run, tmp_path):
     assert_clean_error(run_cli("serve", tiny_run, "--max-n", "0"), "--max-n")
     assert_clean_error(run_cli("serve", tiny_run, "--port", "70000"), "--port")
     assert_clean_error(run_cli("serve", tmp_path / "missing.pt"), "missing.pt")
+    proc = run_charlm("serve", cwd=tmp_path)  # no runs/ here
+    assert_clean_error(proc, "no checkpoint found under runs/", "charlm serve runs/NAME")
     proc = run_cli("serve", tiny_run, "--model", f"run={tiny_run}")
     assert_clean_error(proc, "two models are named 'run'")
     with socket.socket() as taken:

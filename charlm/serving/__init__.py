@@ -68,7 +68,13 @@ def serve(paths: list[os.PathLike | str], named: list[str] | None = None, *,
         name, path = parse_model_option(text)
         pairs.append((name, checkpoint_in(Path(path))))
     if not pairs:
-        found = latest_checkpoint()
+        from charlm.errors import CharlmError
+
+        try:
+            found = latest_checkpoint()
+        except CharlmError:
+            raise CharlmError("no checkpoint found under runs/; pass a run directory or a "
+                              "checkpoint (charlm serve runs/NAME), or --model NAME=PATH") from None
         pairs.append((model_name(found), found))
     served = load_models(pairs, device)
     sock = app.listen(host, port)
