@@ -257,6 +257,23 @@ def test_every_interface_is_said_and_names_are_not_checked(tiny_run):
         assert s.stop() == 0, s.lines
 
 
+def test_time_limit_is_a_503_or_an_error_event(tiny_run):
+    s = Served(tiny_run, "--timeout", "0.5", "--max-tokens", "10000000", "--quiet")
+    try:
+        ask = {"prompt": "All", "max_tokens": 10000000}
+        started = time.monotonic()
+        _error(httpx.post(s.url + "/v1/completions", json=ask, timeout=30), 503, "--timeout")
+        assert time.monotonic() - started < 10
+        with httpx.stream("POST", s.url + "/v1/completions", json={**ask, "stream": True},
+                          timeout=30) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        assert any('"code":"timeout"' in line for line in lines), lines[-3:]
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+    finally:
+        assert s.stop() == 0, s.lines
+
+
 def test_key_body_size_and_busy(guarded):
     url = guarded.url
     _error(httpx.get(url + "/v1/models", timeout=10), 401, "API key")
