@@ -8,7 +8,7 @@ Chromium (chars/s of ``window.charlm.generate`` at temperature 0.8, one stream),
 
 Without --lstm the LSTM 512x2 has random weights (tiny Shakespeare's vocabulary): fine for
 speed and size, but its loss change is not measured. Needs chromium, chromedriver and
-selenium (see tests/test_export_web.py). The speed of a page does not depend on its weight
+selenium (see tests/export/test_web.py). The speed of a page does not depend on its weight
 format (the page decodes every format to Float32Arrays), so it is measured on the fp16 page.
 """
 

@@ -5,7 +5,7 @@ every character, and the gate values that produced it.
 ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` return only the last layer's outputs and the final state,
 so the cells are stepped here with the real model's weights and PyTorch's own equations
 (the ones in the ``torch.nn`` documentation, as :class:`charlm.model.network.Stepper` writes
-them for sampling). ``tests/test_inspect.py`` checks the result against the modules to 1e-5.
+them for sampling). ``tests/inspect/test_inspect.py`` checks the result against the modules to 1e-5.
 
     LSTM: i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh)   (order i, f, g, o)
           c' = sigmoid(f) * c + sigmoid(i) * tanh(g);  h' = sigmoid(o) * tanh(c')

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CONFIG, assert_clean_error, charlm_exe, run_charlm, run_cli
 
-FIXTURE_RUN = Path(__file__).parent / "fixtures" / "release-0.1.0" / "run"
+FIXTURE_RUN = Path(__file__).parents[1] / "fixtures" / "release-0.1.0" / "run"
 TINY = ("--config", TINY_CONFIG, "--no-progress", "--precision", "fp32")
 SHORT = (*TINY, "--max-steps", "2", "--eval-every", "2", "--log-every", "1")
 

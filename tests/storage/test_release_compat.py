@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run_charlm
 
-FIXTURE = Path(__file__).parent / "fixtures" / "release-0.1.0"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "release-0.1.0"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 
 

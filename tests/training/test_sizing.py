@@ -158,7 +158,7 @@ def test_dropout_grows_with_the_epochs():
 
 
 def test_the_law_in_charlm_is_the_law_that_was_fitted():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "sizing"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "sizing"))
     import fit
 
     p = {k: torch.tensor(getattr(RULE, k), dtype=torch.float64) for k in fit.NAMES}
