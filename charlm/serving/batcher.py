@@ -29,6 +29,7 @@ from charlm.model.network import Stepper, select_state, state_tensors, step_cont
 from charlm.sampling.draws import uniforms
 from charlm.sampling.sampler import pick, warm
 
+WARM_BUDGET = 4096  # prompt characters warmed between two steps (one prompt at least)
 WARM_CACHE_SIZE = 64  # prompts
 WARM_CACHE_IDS = 4096  # characters: longer prompts are not kept
 
@@ -153,7 +154,19 @@ class Batcher:
                     if gone:
                         self.pending = [s for s in self.pending if not s.cancelled]
                     room = self.max_streams - len(self.active)
-                    new, self.pending = gone + self.pending[:room], self.pending[room:]
+                    # Warm-ups run between steps: at most WARM_BUDGET prompt characters of
+                    # new prompts a step (one prompt at least), so that a burst of long
+                    # prompts delays the running streams by a step at a time.
+                    take, budget, seen = 0, WARM_BUDGET, set()
+                    for s in self.pending[:room]:
+                        key = tuple(s.ids)
+                        cost = 0 if key in self.warm_cache or key in seen else len(key)
+                        if take and cost > budget:
+                            break
+                        budget -= cost
+                        seen.add(key)
+                        take += 1
+                    new, self.pending = gone + self.pending[:take], self.pending[take:]
                 try:
                     events = self._step(engine, stepper, batch, new)
                 except Exception as exc:  # noqa: BLE001 - a failed step ends its streams, not the server
