@@ -15,9 +15,7 @@ the training text when that file is still where training read it.
 from __future__ import annotations
 
 import base64
-import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,18 +25,17 @@ import torch
 
 from charlm import web
 from charlm._version import __version__
-from charlm.errors import CharlmError, CheckpointError, ConfigError
+from charlm.errors import CharlmError, ConfigError
 from charlm.files import remove_stale_temporaries
 from charlm.storage import checkpoint
+from charlm.storage.page import MAX_PAGE_BYTES, PAGE_FORMAT, describe_page  # noqa: F401 - describe_page re-exported
 
 QUANTIZE = ("fp16", "int8", "none")
 SUFFIXES = (".html", ".htm")
-PAGE_FORMAT = "charlm-web"
 PAGE_VERSION = 1
 # A page is loaded whole by the browser and its weights decoded into Float32Arrays: beyond
 # these it is slow to open, and generation far below a useful speed.
 MAX_PARAMETERS = 20_000_000
-MAX_PAGE_BYTES = 100_000_000
 # Validation characters the loss change is measured on (a prefix of the split beyond this).
 MAX_EVAL_CHARS = 500_000
 
@@ -193,42 +190,6 @@ def validation_loss_change(ckpt: dict[str, Any], rounded: dict[str, torch.Tensor
         model.load_state_dict(rounded)
         after = mean_loss(model, ids, seq_len=256)
     return before, after, "", len(val) - 1
-
-
-def describe_page(path: str | Path) -> dict[str, Any] | None:
-    """The model card of a page written by :func:`export_html`, or None when the file is not
-    one (read at most the first MAX_PAGE_BYTES)."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_PAGE_BYTES).decode("utf-8", "replace")
-    except OSError:
-        return None
-    found = re.search(r'<script type="application/json" id="charlm-model">(.*?)</script>', text, re.S)
-    if not found:
-        return None
-    try:
-        meta = json.loads(found.group(1))
-    except ValueError:
-        return None
-    if not isinstance(meta, dict) or meta.get("format") != PAGE_FORMAT:
-        return None
-    return meta.get("card") if isinstance(meta.get("card"), dict) else {}
-
-
-def page_error(path: str | Path) -> CheckpointError:
-    """The one-line error for a web page given where a checkpoint is needed."""
-    c = describe_page(path)
-    if c is None:
-        return CheckpointError(f"{path} is an HTML file, not a charlm checkpoint")
-    what = ", ".join(str(x) for x in (
-        f"{c.get('cell')} {c.get('hidden_size')} x {c.get('num_layers')}",
-        f"{c.get('parameters', 0):,} parameters" if isinstance(c.get("parameters"), int) else None,
-        f"{c.get('weights')} weights", f"trained on {c.get('train_file')!r}",
-    ) if x)
-    return CheckpointError(
-        f"{path} is a charlm web page ({what}), which runs in a browser, not a checkpoint; "
-        "use the .pt checkpoint it was exported from"
-    )
 
 
 def default_output(checkpoint_path: str | Path) -> Path:

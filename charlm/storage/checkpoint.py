@@ -221,7 +221,7 @@ def read(path: str | Path) -> dict[str, Any]:
             f"{path} is an ONNX export, which only `charlm sample` reads; use the .pt checkpoint"
         )
     if suffix in (".html", ".htm"):
-        from charlm.export.web import page_error  # says what the page holds
+        from charlm.storage.page import page_error  # says what the page holds
 
         raise page_error(path)
     return load(path)
