@@ -7,8 +7,8 @@ The loop holds little of its own: what a resume restores is the :class:`TrainSta
 :class:`~charlm.training.saver.Saver`'s; when to log, evaluate and sample, and the time a
 limit keeps for the end, the :class:`~charlm.training.pacing.Pacer`'s; the speed, the
 :class:`~charlm.training.pacing.RateMeter`'s; non-finite steps, the :class:`NanGuard`'s. The
-training step itself is :func:`optimizer_step`, which automatic sizing times too. Everything
-the user sees goes to monitors (:mod:`charlm.training.monitors`).
+training step itself is :func:`~charlm.training.step.optimizer_step`, which automatic sizing
+times too. Everything the user sees goes to monitors (:mod:`charlm.training.monitors`).
 
 Under torchrun every process runs this loop; the decisions that end it (limits, signals, a
 non-finite loss) are taken by all processes together, and only rank 0 reports and writes.
@@ -24,57 +24,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from charlm.config import Config
-from charlm.data.batching import Batcher
-from charlm.data.vocab import Vocab
-from charlm.device import AmpPlan
 from charlm.evaluate import mean_loss
-from charlm.model.network import CharRNN, State, detach_state
+from charlm.model.network import detach_state
 from charlm.sampling.sampler import generate
 from charlm.signals import StopSignals
+from charlm.training import step as one_step
 from charlm.training.distributed import Dist
 from charlm.training.monitors import Monitor
 from charlm.training.pacing import Pacer, RateMeter
 from charlm.training.saver import Saver
 from charlm.training.schedule import lr_at, planned_progress
 from charlm.training.state import TrainState
+from charlm.training.step import Setup
 from charlm.units import bits
 
 if TYPE_CHECKING:
-    from charlm.training.sizing import Choice
+    pass
 
 # With train.on_nan = "skip", this many non-finite steps in a row end training anyway: the
 # run has diverged and skipping only burns time.
 MAX_SKIPS_IN_ROW = 20
-
-
-@dataclass
-class Setup:
-    """What the loop works with, made once by :func:`charlm.training.setup.setup` on every process."""
-
-    cfg: Config
-    dist: Dist
-    device: torch.device
-    precision: str
-    source_info: dict[str, Any]  # name, size, sha256 and path of the training text
-    chars: int  # characters of text, training and validation
-    vocab: Vocab
-    val_ids: torch.Tensor
-    batcher: Batcher
-    model: CharRNN
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    amp: Any  # the autocast context of the precision
-    plan: AmpPlan  # what the precision means here (autocast dtype, recurrent dtype, scaling)
-    sample_seed: str  # samples continue the start of the training text
-    notes: list[str]
-    vocab_growth: list[dict[str, Any]]  # --grow-vocab records, kept through fine-tuning
-    sizing: Choice | None = None  # what automatic sizing chose, when it ran
 
 
 def steps(first: int, last: int) -> str:
@@ -84,41 +57,6 @@ def steps(first: int, last: int) -> str:
 
 def weights_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-@dataclass
-class StepResult:
-    loss: torch.Tensor  # of the batch, on the device (reading it would sync)
-    grad_norm: torch.Tensor  # before clipping
-    state: State  # the recurrent state after the batch, not detached
-    taken: bool  # False: ``check`` refused the step, and the weights are as they were
-
-
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, amp: Any, x: torch.Tensor, y: torch.Tensor,
-                   carried: State | None, grad_clip: float, *,
-                   forward: torch.nn.Module | None = None,
-                   check: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> StepResult:
-    """The training step, the one the loop takes and automatic sizing times: the forward
-    pass from ``carried`` under the precision's autocast context ``amp``, the cross-entropy
-    loss of predicting ``y`` from ``x`` (both (B, T)), the backward pass through the gradient
-    ``scaler``, the gradient norm clipped to ``grad_clip`` (0: not clipped) and the optimizer
-    step, unless ``check(loss, grad_norm)`` refuses it (the NaN guard; the gradients are left
-    for the caller). ``forward``: the module to call instead of ``model`` (DDP's wrapper)."""
-    with amp:
-        logits, new_state = (model if forward is None else forward)(x, carried)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), grad_clip if grad_clip > 0 else math.inf
-    )
-    if check is not None and not check(loss, grad_norm):
-        return StepResult(loss, grad_norm, new_state, taken=False)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, new_state, taken=True)
 
 
 class NanGuard:
@@ -300,7 +238,7 @@ class Loop:
         r.lr = lr_at(s.step, planned_progress(s.step, r.now, run.batcher.progress, tc), tc)
         for group in run.optimizer.param_groups:
             group["lr"] = r.lr
-        done = optimizer_step(run.model, run.optimizer, run.scaler, run.amp, x, y, s.carried,
+        done = one_step.optimizer_step(run.model, run.optimizer, run.scaler, run.amp, x, y, s.carried,
                               tc.grad_clip, forward=self.dmodel, check=self.finite)
         r.grad_norm = done.grad_norm
         if not done.taken:

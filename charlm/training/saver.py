@@ -31,7 +31,7 @@ from charlm.storage import checkpoint
 from charlm.training.state import TrainState, snapshot
 
 if TYPE_CHECKING:
-    from charlm.training.loop import Setup
+    from charlm.training.step import Setup
 
 CHEAP_SAVE = 0.02  # seconds: a checkpoint that copies faster is written at every evaluation
 

@@ -39,11 +39,12 @@ from charlm.storage import checkpoint
 from charlm.streams import keep_going
 from charlm.training import sizing
 from charlm.training.distributed import Dist
-from charlm.training.loop import Loop, Setup
+from charlm.training.loop import Loop
 from charlm.training.monitors import Header, MetricsFile, Monitor, Monitors, console
 from charlm.training.pacing import Pacer
 from charlm.training.schedule import lr_at, make_optimizer, planned_progress  # noqa: F401 - re-exported
 from charlm.training.state import TrainState, restore
+from charlm.training.step import Setup
 
 
 @dataclass

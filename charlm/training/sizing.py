@@ -5,7 +5,7 @@ How it decides (``--size auto``, when a run has a time budget and no shape was g
 
 1. :func:`measure` times a few training steps of each candidate shape in :data:`LADDER` on
    this device, in the run's precision (the loop's own step,
-   :func:`charlm.training.loop.optimizer_step`, with the real model, optimizer, autocast and
+   :func:`charlm.training.step.optimizer_step`, with the real model, optimizer, autocast and
    gradient scaler; random characters, as speed does not depend on them). That takes a few
    seconds, counted inside the budget.
 2. Each candidate would see ``chars/s x seconds it trains`` characters: the seconds left,
@@ -52,7 +52,7 @@ from charlm.errors import CharlmError
 from charlm.evaluate import loss_sums
 from charlm.model.cells import CELLS
 from charlm.model.network import build_model, parameter_shapes
-from charlm.training import loop
+from charlm.training import step as one_step
 from charlm.training.pacing import EVALS, MAX_EVAL_SHARE
 from charlm.training.schedule import make_optimizer
 
@@ -151,7 +151,7 @@ def measure(shape: Shape, vocab_size: int, device: torch.device, precision: str,
             seconds: float = 0.4, min_steps: int = 3, dropout: bool = False,
             eval_streams: int = 64) -> Speed:
     """Chars/s of ``shape`` here: the training loop's own step
-    (:func:`charlm.training.loop.optimizer_step`) of the real model, optimizer, autocast,
+    (:func:`charlm.training.step.optimizer_step`) of the real model, optimizer, autocast,
     gradient scaler and clipping, on random characters, after one untimed step; at least
     ``min_steps`` steps and ``seconds`` seconds are timed, and the median step counts (a
     virtual machine's first touches of new memory and a neighbour's burst make single steps
@@ -166,7 +166,7 @@ def measure(shape: Shape, vocab_size: int, device: torch.device, precision: str,
         x, y = ids[:, :-1], ids[:, 1:]
 
         def step() -> None:  # from a fresh state, as at the start of an epoch
-            loop.optimizer_step(model, opt, scaler, cast, x, y, model.init_state(B),
+            one_step.optimizer_step(model, opt, scaler, cast, x, y, model.init_state(B),
                                 tc.grad_clip)
 
         step()

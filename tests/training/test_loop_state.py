@@ -127,17 +127,17 @@ def test_keep_last_rotation_keeps_the_newest(tmp_path):
 
 # --------------------------------------------------------------- one training step, shared
 def test_sizing_and_the_loop_take_the_same_step(monkeypatch, tmp_path, text_file, one_thread):
-    import charlm.training.loop as loop_module
+    import charlm.training.step as step_module
     from charlm.training import sizing
 
     calls = []
-    real = loop_module.optimizer_step
+    real = step_module.optimizer_step
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("forward") is not None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "optimizer_step", counted)
+    monkeypatch.setattr(step_module, "optimizer_step", counted)
     speed = sizing.measure(sizing.LADDER[0], 20, torch.device("cpu"), "fp32", seconds=0.0,
                            min_steps=2, eval_streams=2)
     assert speed.train > 0 and calls == [False] * 3  # one untimed step, two timed
@@ -155,7 +155,7 @@ def test_the_step_is_written_once():
     for path in (PACKAGE / "training").glob("*.py"):
         text = path.read_text(encoding="utf-8")
         found += [(path.name, m) for m in re.findall(r"\.backward\(|scaler\.step\(", text)]
-    assert found == [("loop.py", ".backward("), ("loop.py", "scaler.step(")]
+    assert found == [("step.py", ".backward("), ("step.py", "scaler.step(")]
 
 
 # ------------------------------------------------------------------ device synchronisation

@@ -101,7 +101,8 @@ def test_init_from_with_grow_vocab_matches_the_command(tiny_run, french, tmp_pat
     assert grown.startswith(f"vocabulary grown by {len(new)} characters: ")
     assert grown in [r.getMessage() for r in caplog.records]
 
-    cli_ckpt, api_ckpt = checkpoint.load(tmp_path / "cli" / "last.pt"), checkpoint.load(tmp_path / "api" / "last.pt")
+    cli_ckpt = checkpoint.load(tmp_path / "cli" / "last.pt")
+    api_ckpt = checkpoint.load(tmp_path / "api" / "last.pt")
     assert cli_ckpt["vocab"] == api_ckpt["vocab"] == base["vocab"] + new
     assert cli_ckpt["vocab_growth"] == api_ckpt["vocab_growth"]
     assert cli_ckpt["train_state"]["step"] == api_ckpt["train_state"]["step"] == 6
