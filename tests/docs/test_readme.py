@@ -92,8 +92,8 @@ def test_setup_commands_unchanged():
     setup = first_block(section(README.read_text(encoding="utf-8"), "Setup"), "bash")
     lines = [line.split("#")[0].strip() for line in setup.splitlines()]
     assert lines == ['pip install -e ".[dev]" && charlm train --config configs/cpu.toml',
-                     "python -m pytest -q"]
-    assert "python3 -m pytest -q" in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+                     "python -m pytest -q -n auto"]
+    assert "python3 -m pytest -q -n auto" in (REPO / ".ci" / "run").read_text(encoding="utf-8")
 
 
 def test_quick_start_runs(tmp_path):
