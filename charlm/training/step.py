@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,6 @@ from charlm.data.vocab import Vocab
 from charlm.device import AmpPlan
 from charlm.model.network import CharRNN, State
 from charlm.training.distributed import Dist
-
-if TYPE_CHECKING:
-    from charlm.training.sizing import Choice
 
 
 @dataclass
@@ -45,7 +42,7 @@ class Setup:
     sample_seed: str  # samples continue the start of the training text
     notes: list[str]
     vocab_growth: list[dict[str, Any]]  # --grow-vocab records, kept through fine-tuning
-    sizing: Choice | None = None  # what automatic sizing chose, when it ran
+    sizing: Any = None  # what automatic sizing chose (a training.sizing.Choice), when it ran
 
 
 @dataclass
