@@ -26,6 +26,7 @@ import torch
 from charlm import web
 from charlm._version import __version__
 from charlm.errors import CharlmError, ConfigError
+from charlm.export.writers import check_output
 from charlm.files import remove_stale_temporaries
 from charlm.storage import checkpoint
 from charlm.storage.page import MAX_PAGE_BYTES, PAGE_FORMAT, describe_page  # noqa: F401 - describe_page re-exported
@@ -236,14 +237,7 @@ def export_html(checkpoint_path: str | Path, output: str | Path | None = None, f
     if out.suffix.lower() not in SUFFIXES:
         raise ConfigError(f"the output of --format html must end in .html: {out}")
     ckpt = checkpoint.read(src)
-    if out.exists() and out.resolve() == src.resolve():
-        raise ConfigError(f"the output {out} is the checkpoint itself; choose another --output")
-    if out.is_dir():
-        raise CharlmError(f"the output {out} is a directory")
-    if out.exists() and not force:
-        raise CharlmError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise CharlmError(f"the output directory {out.parent} does not exist")
+    check_output(out, src, force)
     checkpoint.check_weights(ckpt)
     parameters = sum(t.numel() for t in ckpt["model"].values())
     if parameters > MAX_PARAMETERS:

@@ -238,6 +238,19 @@ def default_output(checkpoint_path: str | Path, fmt: str) -> Path:
     return Path(checkpoint_path).with_suffix(SUFFIXES[fmt])
 
 
+def check_output(out: Path, src: Path, force: bool) -> None:
+    """Refuse an export's output that is the checkpoint itself, a directory, an existing file
+    without ``force``, or a path in a directory that does not exist (every format)."""
+    if out.exists() and out.resolve() == src.resolve():
+        raise ConfigError(f"the output {out} is the checkpoint itself; choose another --output")
+    if out.is_dir():
+        raise CharlmError(f"the output {out} is a directory")
+    if out.exists() and not force:
+        raise CharlmError(f"{out} already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise CharlmError(f"the output directory {out.parent} does not exist")
+
+
 def export_checkpoint(
     checkpoint_path: str | Path, fmt: str, output: str | Path | None = None, force: bool = False
 ) -> ExportResult:
@@ -252,14 +265,7 @@ def export_checkpoint(
     if out.suffix.lower() != SUFFIXES[fmt]:
         raise ConfigError(f"the output of --format {fmt} must end in {SUFFIXES[fmt]}: {out}")
     ckpt = checkpoint.read(src)
-    if out.exists() and out.resolve() == src.resolve():
-        raise ConfigError(f"the output {out} is the checkpoint itself; choose another --output")
-    if out.is_dir():
-        raise CharlmError(f"the output {out} is a directory")
-    if out.exists() and not force:
-        raise CharlmError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise CharlmError(f"the output directory {out.parent} does not exist")
+    check_output(out, src, force)
     model = checkpoint.model_of(ckpt)  # fp32, CPU, eval mode
     if fmt == "safetensors":
         data, verify = safetensors_bytes(ckpt), verify_safetensors
