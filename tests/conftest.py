@@ -149,6 +149,18 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two checkpoints hold bit-identical weights and optimizer state."""
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for key in opt_a:
+        for field in opt_a[key]:
+            assert torch.equal(opt_a[key][field], opt_b[key][field]), (key, field)
+
+
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """A non-zero exit with a one-line 'error:' message and no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

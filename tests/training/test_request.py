@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, TINY_CONFIG, run_charlm, run_cli
+from conftest import SAMPLE_TEXT, TINY_CONFIG, assert_same_weights, run_charlm, run_cli
 
 import charlm
 from charlm.errors import CharlmError
@@ -37,17 +37,6 @@ def french(tmp_path):
     path = tmp_path / "french.txt"
     path.write_text(FRENCH, encoding="utf-8")
     return path
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert opt_a.keys() == opt_b.keys()
-    for key in opt_a:
-        for field in opt_a[key]:
-            assert torch.equal(opt_a[key][field], opt_b[key][field]), (key, field)
 
 
 def test_resume_continues_a_run_exactly_as_the_command_does(text, tmp_path):

@@ -19,6 +19,7 @@ from conftest import (
     SAMPLE_TEXT,
     TINY_CONFIG,
     assert_clean_error,
+    assert_same_weights,
     charlm_exe,
     run_charlm,
     run_cli,
@@ -63,14 +64,7 @@ def metric_lines(run: Path) -> list[dict]:
 
 def assert_same_training(a: dict, b: dict) -> None:
     """Two checkpoints hold bit-identical weights, optimizer and training state."""
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert opt_a.keys() == opt_b.keys()
-    for key in opt_a:
-        for field in opt_a[key]:
-            assert torch.equal(opt_a[key][field], opt_b[key][field]), (key, field)
+    assert_same_weights(a, b)
     ta, tb = a["train_state"], b["train_state"]
     for field in ("step", "epoch", "batcher", "chars_seen", "best_val_loss", "evals_since_best",
                   "loss_sum", "loss_count"):
