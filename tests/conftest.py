@@ -149,6 +149,28 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+def headless_chromium(*args: str, logs: bool = False):
+    """A selenium driver of Debian's headless chromium (the binaries on PATH: no download),
+    or a skip that says what is missing. ``args``: more command-line switches; ``logs``:
+    keep the performance (network) and browser (console) logs."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install selenium; it is in the dev extra)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", *args):
+        options.add_argument(arg)
+    if logs:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    return webdriver.Chrome(service=Service(chromedriver), options=options)
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     """Two checkpoints hold bit-identical weights and optimizer state."""
     assert a["model"].keys() == b["model"].keys()

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_charlm, run_cli
+from conftest import assert_clean_error, headless_chromium, run_charlm, run_cli
 
 from charlm.config import Config
 from charlm.data.vocab import Vocab
@@ -26,8 +25,6 @@ from charlm.export import web as web_export
 from charlm.model.network import build_model
 from charlm.storage import checkpoint
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n"
 HOSTILE = "</script><script>alert(1)</script>"
 HOSTILE_RUN = "<img src=x onerror=alert(2)>&amp;<b>run"  # a directory name: no '/'
@@ -88,20 +85,7 @@ def export(ckpt: Path, out: Path, quantize: str = "none") -> Path:
 # ----------------------------------------------------------------------------- the browser
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install selenium; it is in the dev extra)")
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip("no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--allow-file-access-from-files"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = headless_chromium("--allow-file-access-from-files", logs=True)
     driver.set_script_timeout(60)
     # Every page: record alert()/confirm()/prompt() calls instead of showing a dialog.
     driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SAMPLE_TEXT, assert_clean_error, run_charlm, run_cli
+from conftest import SAMPLE_TEXT, assert_clean_error, headless_chromium, run_charlm, run_cli
 from torch import nn
 
 from charlm.config import Config, ModelConfig
@@ -24,8 +23,6 @@ from charlm.storage import checkpoint
 
 HOSTILE = "</script><script>alert(1)</script><img src=x onerror=alert(3)>"
 HOSTILE_RUN = "<img src=x onerror=alert(2)>&amp;<script>alert(4)<"  # a directory name: no '/'
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 
 @pytest.fixture(autouse=True)
@@ -356,16 +353,11 @@ def test_export_without_training_text_needs_a_text(tmp_path):
 
 # ------------------------------------------------------------------------------ browser
 def test_page_in_a_browser(tmp_path):
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.common.action_chains import ActionChains
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import Select
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install selenium; it is in the dev extra)")
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip("no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)")
+    driver = headless_chromium(logs=True)
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
     from charlm.inspect.analysis import inspect_model
     from charlm.inspect.report import write_page
 
@@ -376,12 +368,6 @@ def test_page_in_a_browser(tmp_path):
            "unknown": 0}
     path = tmp_path / "page.html"
     write_page(path, doc, r.page, force=False)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
             window.__dialogs = [];

@@ -10,7 +10,6 @@ import concurrent.futures
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import threading
 import time
 
 import pytest
-from conftest import assert_clean_error, charlm_exe, run_charlm, run_cli
+from conftest import assert_clean_error, charlm_exe, headless_chromium, run_charlm, run_cli
 
 pytest.importorskip("starlette", reason="charlm serve needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="charlm serve needs the serve extra: pip install -e '.[serve]'")
@@ -396,27 +395,15 @@ def test_bad_options_and_busy_port_are_one_line_errors(tiny_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------- the page
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 
 def test_page_streams_generated_text_after_the_prompt(server):
     page = httpx.get(server.url + "/", timeout=10)
     assert page.status_code == 200 and "connect-src 'self'" in page.text
     assert "<script>" in page.text and '"id":"run"' in page.text
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.common.by import By
-    except ImportError:
-        pytest.skip("selenium is not installed (it is in the dev extra)")
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip("no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = headless_chromium()
+    from selenium.webdriver.common.by import By
+
     try:
         driver.set_page_load_timeout(30)
         driver.get(server.url + "/")
